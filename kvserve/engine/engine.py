@@ -1,0 +1,142 @@
+"""The engine: accept requests, and step them all forward together.
+
+``step()`` is three beats: the scheduler picks the work, the runner computes it, the
+scheduler records what came out. Everything else reads the state those beats leave.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kvserve.cache.manager import KVCacheManager
+from kvserve.engine.output import RequestOutput, TextStream, make_output
+from kvserve.engine.request import Request
+from kvserve.engine.scheduler import Scheduler, SchedulerConfig
+from kvserve.model.llama import build_model
+from kvserve.model.loader import load_checkpoint
+from kvserve.model.tokenizer import IncrementalDecoder
+from kvserve.runner.model_runner import ModelRunner
+from kvserve.sampling_params import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # a .gguf file or a Hugging Face directory; None = default model
+    dtype: str = "float32"
+    device: str = "auto"
+    kv_cache_memory: int = 1 << 30  # bytes of K/V blocks
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # defaults to the model's context length
+    num_threads: int | None = None  # CPU threads; default: all cores
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        if config.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        self.config = config
+        self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        checkpoint = load_checkpoint(config.model)
+        self.model_config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.fingerprint = checkpoint.fingerprint
+        self.max_model_len = min(config.max_model_len or checkpoint.config.max_position_embeddings,
+                                 checkpoint.config.max_position_embeddings)
+        dtype = DTYPES[config.dtype]
+        self.kv_bytes_per_token = checkpoint.config.kv_bytes_per_token(config.dtype)
+        self.block_bytes = self.kv_bytes_per_token * config.block_size
+        num_blocks = config.kv_cache_memory // self.block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {config.kv_cache_memory} B is less than one block "
+                             f"({self.block_bytes} B); give it more memory")
+        model = build_model(checkpoint.config, checkpoint.tensors, dtype, self.device,
+                            self.max_model_len)
+        self.runner = ModelRunner(model, checkpoint.config, num_blocks, config.block_size, dtype,
+                                  self.device)
+        self.kv = KVCacheManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv)
+        self.eos_ids = tuple(self.tokenizer.eos_token_ids)
+        self._streams: dict[str, tuple[Request, str | None, TextStream]] = {}
+        self._ids = itertools.count()
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None) -> Request:
+        """Validate and queue a request; raises ValueError (nothing queued) if it cannot run."""
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_fits(ids, params)
+        request = Request(request_id or f"req-{next(self._ids)}", ids, params)
+        if request.request_id in self._streams:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        decoder = IncrementalDecoder(self.tokenizer)
+        self._streams[request.request_id] = (request, text, TextStream(decoder, params.stop))
+        self.scheduler.add(request)
+        return request
+
+    def check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"the model context of {self.max_model_len} tokens; shorten the prompt or lower "
+                f"max_tokens")
+        # The last generated token is never fed back, so it needs no K/V.
+        pool_tokens = self.kv.num_blocks * self.config.block_size
+        if total - 1 > pool_tokens:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs {total - 1} "
+                f"KV slots but the KV pool holds {pool_tokens} tokens; raise kv_cache_memory or "
+                f"lower max_tokens")
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        sampled = self.runner.execute(out)
+        progressed = self.scheduler.update(out, sampled, self.eos_ids)
+        return [self._output(r) for r in progressed]
+
+    def _output(self, request: Request) -> RequestOutput:
+        _, prompt, stream = self._streams[request.request_id]
+        token = request.output_token_ids[-1]
+        if stream.add(token, is_last=request.is_finished) and not request.is_finished:
+            self.scheduler.finish(request, "stop")
+        delta = stream.take(finished=request.is_finished)
+        if request.is_finished:
+            del self._streams[request.request_id]
+        return make_output(request, prompt, stream, delta, self.kv_bytes_per_token)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        entry = self._streams.pop(request_id, None)
+        if entry is None:
+            return None
+        request, prompt, stream = entry
+        self.scheduler.finish(request, "abort")
+        return make_output(request, prompt, stream, stream.take(finished=True),
+                           self.kv_bytes_per_token)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity(self.scheduler.running + list(self.scheduler.waiting))

@@ -1,0 +1,87 @@
+"""The offline API: ``LLM(...).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+
+from kvserve.engine.engine import Engine, EngineConfig
+from kvserve.engine.output import RequestOutput
+from kvserve.sampling_params import SamplingParams
+from kvserve.units import parse_size
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, dtype: str = "float32", device: str = "auto",
+                 kv_cache_memory: str | int = "1GiB", block_size: int = 16,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_model_len: int | None = None, num_threads: int | None = None) -> None:
+        self.engine = Engine(EngineConfig(
+            model=model, dtype=dtype, device=device, kv_cache_memory=parse_size(kv_cache_memory),
+            block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            num_threads=num_threads))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """One output per prompt, in order. A string or one list of ids is a single prompt."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        for p, sp in zip(prompts, params_list):  # validate all before queueing any
+            self.engine.check_fits(self._ids(p), sp)
+        ids = [self.engine.add_request(p, sp).request_id for p, sp in zip(prompts, params_list)]
+        show = use_tqdm if use_tqdm is not None else len(prompts) >= 8
+        done = {o.request_id: o for o in self._run(len(ids), show) if o.finished}
+        return [done[i] for i in ids]
+
+    def chat(self, messages: list[dict] | Sequence[list[dict]],
+             sampling_params: SamplingParams | None = None,
+             use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode_chat(c) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[RequestOutput]:
+        """Yield this request's output after every token (``delta`` holds the new text)."""
+        request = self.engine.add_request(prompt, params)
+        while True:
+            for out in self.engine.step():
+                if out.request_id == request.request_id:
+                    yield out
+                    if out.finished:
+                        return
+
+    def _run(self, total: int, show_progress: bool) -> Iterator[RequestOutput]:
+        from rich.progress import Progress
+
+        with Progress(disable=not show_progress, transient=True) as progress:
+            task = progress.add_task("generating", total=total)
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        progress.advance(task)
+                    yield out
+
+    def _ids(self, prompt: Prompt) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def stats(self) -> dict:
+        """Work counted by the scheduler, and KV pool usage."""
+        kv = self.engine.kv
+        return {
+            **asdict(self.engine.scheduler.stats),
+            "kv_blocks_total": kv.num_blocks,
+            "kv_blocks_free": kv.num_free_blocks,
+            "kv_block_bytes": self.engine.block_bytes,
+            "kv_bytes_per_token": self.engine.kv_bytes_per_token,
+            "kv_usage": kv.usage,
+        }

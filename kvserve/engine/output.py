@@ -1,0 +1,97 @@
+"""What a request hands back: its text as it grows (stop strings cut out) and its numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvserve.engine.request import Request
+
+
+class TextStream:
+    """Incremental text of one request, holding back what may still become a stop string."""
+
+    def __init__(self, decoder, stop: tuple[str, ...]) -> None:
+        self.decoder = decoder
+        self.stop = stop
+        self.text = ""
+        self.num_emitted = 0
+        self._holdback = max((len(s) for s in stop), default=1) - 1
+
+    def add(self, token_id: int, is_last: bool) -> bool:
+        """Append a token's text; True when a stop string was found (text is cut before it)."""
+        before = len(self.text)
+        self.text += self.decoder.step(token_id)
+        if is_last:
+            self.text += self.decoder.flush()
+        for s in self.stop:
+            at = self.text.find(s, max(0, before - len(s) + 1))
+            if at != -1:
+                self.text = self.text[:at]
+                return True
+        return False
+
+    def take(self, finished: bool) -> str:
+        """The text not handed out yet; unfinished, keep back a possible stop-string start."""
+        end = len(self.text) if finished else max(self.num_emitted, len(self.text) - self._holdback)
+        delta = self.text[self.num_emitted : end]
+        self.num_emitted = end
+        return delta
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    num_cached_tokens: int
+    metrics: RequestMetrics
+    num_tokens_computed: int = 0  # K/V positions computed over all forward passes
+    kv_bytes_peak: int = 0
+    num_preemptions: int = 0
+    logprobs: list[dict[int, float]] | None = None
+    delta: str = ""  # text new since the last output of this request
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        m, n = self.metrics, len(self.token_ids)
+        if m.first_token_time is None or m.finish_time is None or n < 2:
+            return None
+        return (m.finish_time - m.first_token_time) / (n - 1)
+
+
+def make_output(request: Request, prompt: str | None, stream: TextStream, delta: str,
+                kv_bytes_per_token: int) -> RequestOutput:
+    return RequestOutput(
+        request_id=request.request_id,
+        prompt=prompt,
+        prompt_token_ids=request.prompt_token_ids,
+        text=stream.text,
+        token_ids=list(request.output_token_ids),
+        finish_reason=request.finish_reason,
+        num_cached_tokens=request.num_cached_tokens,
+        metrics=RequestMetrics(request.arrival_time, request.first_token_time,
+                               request.finish_time),
+        num_tokens_computed=request.num_tokens_computed,
+        kv_bytes_peak=request.num_kv_tokens_peak * kv_bytes_per_token,
+        num_preemptions=request.num_preemptions,
+        logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
+        delta=delta,
+    )

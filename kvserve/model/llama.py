@@ -1,0 +1,187 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) in one file.
+
+Tokens of all sequences in a step are flattened into one ``[T]`` batch; attention metadata
+says which sequence each token belongs to and where its K/V live (see attention.py).
+Q/K/V and gate/up projections are fused into one matmul each: fewer, larger calls keep the
+per-layer Python work small, which matters on a CPU where a decode step is memory bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvserve.model.attention import AttentionMetadata, paged_attention
+from kvserve.model.config import ModelConfig, RopeScaling
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq
+    # Llama 3: long wavelengths are divided by `factor`, short ones kept, a smooth ramp between.
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for every position, looked up per token."""
+
+    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device) -> None:
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)  # [max_positions, head_dim]
+        self.cos = emb.cos().float().to(device)
+        self.sin = emb.sin().float().to(device)
+
+    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, head_dim]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.scale = config.head_dim**-0.5
+        self.k_cache = torch.empty(0)  # [num_slots, num_kv_heads, head_dim], set by the runner
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, nh, hd]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, nkv, hd]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, rope, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = torch.empty(0)  # set by load_hf_tensors
+        self.rope: RotaryEmbedding | None = None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rope, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> float32 logits [N, vocab]."""
+        if hidden.dtype == torch.float32:
+            return hidden @ self.lm_head  # lm_head: [hidden, vocab]
+        return F.linear(hidden, self.lm_head).float()  # lm_head: [vocab, hidden]
+
+    @torch.no_grad()
+    def load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face named tensors, fusing q/k/v and gate/up."""
+        own = fuse_hf_tensors(self.config, tensors)
+        params = dict(self.named_parameters())
+        missing = set(params) - set(own)
+        if missing:
+            raise KeyError(f"checkpoint lacks tensors for: {sorted(missing)[:5]}")
+        for name, param in params.items():
+            param.copy_(own[name])
+        head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+        head = head.to(device=self.norm.weight.device, dtype=self.norm.weight.dtype)
+        # A one-row `x @ W` with W as [hidden, vocab] streams the largest matrix about twice
+        # as fast as F.linear in float32 on a CPU; in bfloat16 F.linear is already best.
+        self.lm_head = head.t().contiguous() if head.dtype == torch.float32 else head.contiguous()
+
+
+def fuse_hf_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict:
+    """Hugging Face names -> this module's names, with q/k/v and gate/up concatenated."""
+    own = {"embed_tokens.weight": tensors["model.embed_tokens.weight"],
+           "norm.weight": tensors["model.norm.weight"]}
+    for i in range(config.num_layers):
+        hf, me = f"model.layers.{i}.", f"layers.{i}."
+        attn = hf + "self_attn."
+        own[me + "self_attn.qkv_proj.weight"] = torch.cat(
+            [tensors[attn + n + "_proj.weight"] for n in "qkv"])
+        if config.attention_bias:
+            own[me + "self_attn.qkv_proj.bias"] = torch.cat(
+                [tensors[attn + n + "_proj.bias"] for n in "qkv"])
+        if config.qk_norm:
+            own[me + "self_attn.q_norm.weight"] = tensors[attn + "q_norm.weight"]
+            own[me + "self_attn.k_norm.weight"] = tensors[attn + "k_norm.weight"]
+        own[me + "self_attn.o_proj.weight"] = tensors[attn + "o_proj.weight"]
+        own[me + "mlp.gate_up_proj.weight"] = torch.cat(
+            [tensors[hf + "mlp.gate_proj.weight"], tensors[hf + "mlp.up_proj.weight"]])
+        for name in ("mlp.down_proj.weight", "input_layernorm.weight",
+                     "post_attention_layernorm.weight"):
+            own[me + name] = tensors[hf + name]
+    return own
+
+
+def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device, max_positions: int) -> LlamaForCausalLM:
+    """Build on the meta device (no wasted random init), then fill with the checkpoint."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.load_hf_tensors(tensors)
+    model.rope = RotaryEmbedding(config, max_positions, device)
+    return model.eval().requires_grad_(False)

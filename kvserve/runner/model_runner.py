@@ -1,0 +1,104 @@
+"""Turn a SchedulerOutput into tensors, run one forward pass, sample."""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.engine.request import Request
+from kvserve.engine.scheduler import SchedulerOutput
+from kvserve.model.attention import AttentionMetadata, PrefillSpan
+from kvserve.model.config import ModelConfig
+from kvserve.model.llama import LlamaForCausalLM
+from kvserve.runner.sampler import make_generator, sample, top_logprobs
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
+                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.device, self.block_size = model, device, block_size
+        num_slots = num_blocks * block_size
+        # [layers, K/V, slots, kv_heads, head_dim], allocated once.
+        self.kv_cache = torch.zeros(config.num_layers, 2, num_slots, config.num_kv_heads,
+                                    config.head_dim, dtype=dtype, device=device)
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.k_cache = self.kv_cache[i, 0]
+            layer.self_attn.v_cache = self.kv_cache[i, 1]
+        self._offsets = torch.arange(block_size, device=device)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        """Returns the sampled token of each request that reached its end this step."""
+        batch = sorted(out.scheduled, key=lambda s: s[1] != 1)  # single-token rows first
+        input_ids, positions, meta = self._prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+        ends, to_sample = [], []
+        offset = 0
+        for request, num_new in batch:
+            offset += num_new
+            if request.num_computed_tokens + num_new == request.num_tokens:
+                ends.append(offset - 1)
+                to_sample.append(request)
+        if not to_sample:
+            return {}
+        logits = self.model.compute_logits(hidden[ends])  # [N, vocab]
+        for r in to_sample:
+            if r.generator is None and r.params.seed is not None:
+                r.generator = make_generator(r.params.seed, self.device)
+        tokens = sample(logits, [r.params for r in to_sample], [r.generator for r in to_sample])
+        for i, r in enumerate(to_sample):
+            if r.params.logprobs is not None:
+                r.logprobs.append(top_logprobs(logits[i], [tokens[i]], r.params.logprobs))
+        return {r.request_id: t for r, t in zip(to_sample, tokens)}
+
+    def _prepare(self, batch: list[tuple[Request, int]]):
+        ids: list[int] = []
+        pos: list[int] = []
+        decodes = [(r, n) for r, n in batch if n == 1]
+        prefills: list[PrefillSpan] = []
+        for request, num_new in batch:
+            start = request.num_computed_tokens
+            if num_new > 1:
+                prefills.append(self._prefill_span(request, len(ids), num_new))
+            ids.extend(request.token_ids_slice(start, start + num_new))
+            pos.extend(range(start, start + num_new))
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+        tables = [r.block_table for r, _ in batch]
+        owners = torch.repeat_interleave(
+            torch.arange(len(batch), device=self.device),
+            torch.tensor([n for _, n in batch], device=self.device))
+        blocks = self._padded(tables)[owners, positions // self.block_size]
+        meta = AttentionMetadata(slot_mapping=blocks * self.block_size + positions % self.block_size,
+                                 prefills=tuple(prefills))
+        if decodes:
+            meta.num_decodes = len(decodes)
+            lens = [r.num_computed_tokens + 1 for r, _ in decodes]
+            max_len = max(lens)
+            meta.decode_slots = self._slots(self._padded([r.block_table for r, _ in decodes]),
+                                            max_len)
+            if min(lens) != max_len:
+                lens_t = torch.tensor(lens, device=self.device)
+                mask = torch.arange(max_len, device=self.device) < lens_t.unsqueeze(1)
+                meta.decode_mask = mask[:, None, None, :]  # [D, 1, 1, max_len]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return input_ids, positions, meta
+
+    def _prefill_span(self, request: Request, start: int, num_new: int) -> PrefillSpan:
+        span = PrefillSpan(start=start, num_new=num_new)
+        num_computed = request.num_computed_tokens
+        if num_computed:
+            num_ctx = num_computed + num_new
+            table = self._padded([request.block_table])
+            span.context_slots = self._slots(table, num_ctx)[0]
+            q_pos = torch.arange(num_computed, num_ctx, device=self.device)
+            span.mask = torch.arange(num_ctx, device=self.device) <= q_pos.unsqueeze(1)
+        return span
+
+    def _padded(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        rows = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _slots(self, tables: torch.Tensor, num_ctx: int) -> torch.Tensor:
+        """[rows, blocks] block tables -> [rows, num_ctx] slots of positions 0..num_ctx-1."""
+        slots = tables.unsqueeze(-1) * self.block_size + self._offsets  # [rows, blocks, bs]
+        return slots.flatten(1)[:, :num_ctx]

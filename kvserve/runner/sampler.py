@@ -1,0 +1,54 @@
+"""Turn each sequence's last logits into its next token."""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.sampling_params import SamplingParams
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A per-request generator makes seeded sampling independent of the rest of the batch."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """logits: [N, vocab] float32, one row per sequence -> N token ids."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, p in enumerate(params):
+        if not p.is_greedy:
+            probs = filtered_probs(logits[i], p)
+            tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+    return tokens
+
+
+def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """[vocab] logits -> probabilities after temperature, top-k, top-p and min-p."""
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest set whose mass reaches top_p (the first token always stays).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        probs = probs.scatter(0, order[drop], 0.0)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs
+
+
+def top_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> dict[int, float]:
+    """The sampled token's logprob and the k most likely, from the model's raw [vocab] logits."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    out = {}
+    if k:
+        values, ids = logprobs.topk(k)
+        out = dict(zip(ids.tolist(), values.tolist()))
+    for token in tokens:
+        out[token] = float(logprobs[token])
+    return out

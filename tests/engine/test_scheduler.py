@@ -1,0 +1,140 @@
+"""Scheduler decisions without a model: budgets, chunking, preemption, integrity."""
+
+import random
+
+from kvserve.cache.manager import KVCacheManager
+from kvserve.engine.request import Request, Status
+from kvserve.engine.scheduler import Scheduler, SchedulerConfig
+from kvserve.sampling_params import SamplingParams
+
+EOS = 2
+
+
+def make(num_blocks=100, block_size=4, max_seqs=8, budget=32):
+    return Scheduler(SchedulerConfig(max_seqs, budget), KVCacheManager(num_blocks, block_size))
+
+
+def req(rid, prompt_len, max_tokens=4, **kw):
+    return Request(rid, list(range(10, 10 + prompt_len)),
+                   SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kw))
+
+
+def fake_step(s: Scheduler, token=7):
+    out = s.schedule()
+    sampled = {r.request_id: token for r, n in out.scheduled
+               if r.num_computed_tokens + n == r.num_tokens}
+    s.update(out, sampled, (EOS,))
+    s.kv.check_integrity(s.running + list(s.waiting))
+    return out
+
+
+def plan(out):
+    return [(r.request_id, n) for r, n in out.scheduled]
+
+
+def test_prompts_are_chunked_to_the_token_budget():
+    s = make(budget=8)
+    s.add(req("a", 20))
+    assert plan(fake_step(s)) == [("a", 8)]
+    assert plan(fake_step(s)) == [("a", 8)]
+    assert plan(fake_step(s)) == [("a", 4)]  # the chunk that ends the prompt samples
+    a = s.running[0]
+    assert a.output_token_ids == [7] and a.num_computed_tokens == 20
+    assert s.stats.num_chunked_prefills == 2
+
+
+def test_decodes_go_first_then_waiting_prompts_fill_the_rest():
+    s = make(budget=10)
+    s.add(req("a", 3))
+    fake_step(s)  # a prefills
+    s.add(req("b", 30))
+    assert plan(fake_step(s)) == [("a", 1), ("b", 9)]
+    assert plan(fake_step(s)) == [("a", 1), ("b", 9)]
+
+
+def test_max_num_seqs_caps_the_running_set():
+    s = make(max_seqs=2, budget=100)
+    for rid in "abc":
+        s.add(req(rid, 2))
+    assert [r for r, _ in plan(fake_step(s))] == ["a", "b"]
+    assert [r.request_id for r in s.waiting] == ["c"]
+
+
+def test_newest_request_is_preempted_when_blocks_run_out():
+    s = make(num_blocks=4, block_size=4, budget=100)
+    s.add(req("old", 4, max_tokens=8))
+    s.add(req("new", 4, max_tokens=8))
+    fake_step(s)  # 2 blocks: one each, both full (4 tokens)
+    out = fake_step(s)  # each decode needs a second block: 4 blocks used
+    assert plan(out) == [("old", 1), ("new", 1)]
+    for _ in range(3):
+        fake_step(s)
+    out = fake_step(s)  # old needs a third block: new is preempted
+    assert ("old", 1) in plan(out)
+    new = next(r for r in s.waiting)
+    assert new.request_id == "new" and new.status is Status.WAITING
+    assert new.num_computed_tokens == 0 and new.block_table == [] and new.num_preemptions == 1
+    assert s.stats.num_preemptions == 1
+
+
+def test_preempted_request_resumes_by_recomputing_prompt_and_output():
+    s = make(num_blocks=3, block_size=4, budget=100)
+    s.add(req("a", 4, max_tokens=6))
+    s.add(req("b", 4, max_tokens=6))
+    while s.has_unfinished():
+        fake_step(s)
+    assert s.stats.num_preemptions >= 1
+    # Every request still produced all its tokens.
+    assert s.kv.num_free_blocks == 3
+
+
+def test_no_cache_policy_recomputes_the_whole_sequence_each_step():
+    s = make(budget=100)
+    r = req("a", 5, max_tokens=4, use_kv_cache=False)
+    s.add(r)
+    computed = [fake_step(s).num_tokens for _ in range(4)]
+    assert computed == [5, 6, 7, 8]  # sum of (P + i) for i in 0..n-1
+    assert r.num_tokens_computed == 26 and r.finish_reason == "length"
+    assert s.kv.num_free_blocks == 100
+
+
+def test_kv_cache_policy_computes_each_token_once():
+    s = make(budget=100)
+    r = req("a", 5, max_tokens=4)
+    s.add(r)
+    computed = [fake_step(s).num_tokens for _ in range(4)]
+    assert computed == [5, 1, 1, 1]  # P + n - 1
+    assert r.num_kv_tokens_peak == 8
+
+
+def test_eos_and_stop_token_ids_finish_with_stop():
+    s = make()
+    a = Request("a", [1, 2], SamplingParams(max_tokens=5))
+    b = Request("b", [1, 2], SamplingParams(max_tokens=5, stop_token_ids=(9,)))
+    s.add(a)
+    s.add(b)
+    out = s.schedule()
+    s.update(out, {"a": EOS, "b": 9}, (EOS,))
+    assert a.finish_reason == "stop" and b.finish_reason == "stop"
+    assert not s.has_unfinished() and s.kv.num_free_blocks == 100
+
+
+def test_randomized_steps_keep_blocks_conserved():
+    rng = random.Random(0)
+    s = make(num_blocks=24, block_size=4, max_seqs=6, budget=16)
+    requests = []
+    for i in range(40):
+        r = req(f"r{i}", rng.randint(1, 30), max_tokens=rng.randint(1, 20),
+                use_kv_cache=rng.random() > 0.2)
+        requests.append(r)
+        s.add(r)
+    steps = 0
+    while s.has_unfinished():
+        out = fake_step(s)
+        assert out.num_tokens <= 16 and len(out.scheduled) <= 6
+        steps += 1
+        assert steps < 10_000, "scheduler made no progress"
+    assert all(r.finish_reason == "length" for r in requests)
+    assert all(r.num_output_tokens == r.params.max_tokens for r in requests)
+    assert s.kv.num_free_blocks == 24
+    assert s.stats.num_preemptions > 0
