@@ -15,6 +15,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self.free_ids: deque[int] = deque(range(num_blocks))
+        self.peak_used = 0
 
     @property
     def num_free(self) -> int:
@@ -30,6 +31,7 @@ class BlockPool:
         ids = [self.free_ids.popleft() for _ in range(n)]
         for block_id in ids:
             self.ref_counts[block_id] = 1
+        self.peak_used = max(self.peak_used, self.num_used)
         return ids
 
     def release(self, block_ids: Iterable[int]) -> None:

@@ -17,7 +17,7 @@ from kvserve.engine.output import RequestOutput, TextStream, make_output
 from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.model.llama import build_model
-from kvserve.model.loader import load_checkpoint
+from kvserve.model.loader import Checkpoint, load_checkpoint
 from kvserve.model.tokenizer import IncrementalDecoder
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
@@ -45,14 +45,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+        """``checkpoint``: already loaded weights to use instead of loading ``config.model``."""
         if config.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
         self.config = config
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
-        checkpoint = load_checkpoint(config.model)
+        checkpoint = checkpoint or load_checkpoint(config.model)
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.fingerprint = checkpoint.fingerprint

@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 from kvserve.engine.engine import Engine, EngineConfig
 from kvserve.engine.output import RequestOutput
+from kvserve.model.loader import Checkpoint
 from kvserve.sampling_params import SamplingParams
 from kvserve.units import parse_size
 
@@ -14,15 +15,20 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, dtype: str = "float32", device: str = "auto",
+    def __init__(self, model: str | Checkpoint | None = None, dtype: str = "float32",
+                 device: str = "auto",
                  kv_cache_memory: str | int = "1GiB", block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, num_threads: int | None = None) -> None:
+        """``model``: a .gguf file, a Hugging Face directory, a loaded Checkpoint, or None for
+        the default SmolLM2-135M-Instruct."""
+        checkpoint = model if isinstance(model, Checkpoint) else None
         self.engine = Engine(EngineConfig(
-            model=model, dtype=dtype, device=device, kv_cache_memory=parse_size(kv_cache_memory),
+            model=None if checkpoint else model, dtype=dtype, device=device,
+            kv_cache_memory=parse_size(kv_cache_memory),
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            num_threads=num_threads))
+            num_threads=num_threads), checkpoint)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -32,7 +38,8 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params = sampling_params or SamplingParams()
-        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        many = not isinstance(params, SamplingParams)
+        params_list = list(params) if many else [params] * len(prompts)  # type: ignore[arg-type]
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
         for p, sp in zip(prompts, params_list):  # validate all before queueing any

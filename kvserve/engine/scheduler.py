@@ -62,7 +62,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        decoding_first = sorted(self.running, key=lambda r: r.num_computed_tokens < r.num_prompt_tokens)
+        decoding_first = sorted(self.running,
+                                key=lambda r: r.num_computed_tokens < r.num_prompt_tokens)
         for request in decoding_first:
             if budget == 0:
                 break

@@ -66,8 +66,9 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
-        self.q_norm = nn.RMSNorm(config.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(config.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        eps = config.rms_norm_eps
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=eps) if config.qk_norm else None
         self.scale = config.head_dim**-0.5
         self.k_cache = torch.empty(0)  # [num_slots, num_kv_heads, head_dim], set by the runner
         self.v_cache = torch.empty(0)

@@ -67,8 +67,8 @@ class ModelRunner:
             torch.arange(len(batch), device=self.device),
             torch.tensor([n for _, n in batch], device=self.device))
         blocks = self._padded(tables)[owners, positions // self.block_size]
-        meta = AttentionMetadata(slot_mapping=blocks * self.block_size + positions % self.block_size,
-                                 prefills=tuple(prefills))
+        slot_mapping = blocks * self.block_size + positions % self.block_size
+        meta = AttentionMetadata(slot_mapping=slot_mapping, prefills=tuple(prefills))
         if decodes:
             meta.num_decodes = len(decodes)
             lens = [r.num_computed_tokens + 1 for r, _ in decodes]

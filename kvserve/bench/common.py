@@ -1,0 +1,44 @@
+"""Shared bits of the benchmarks: the console, medians, and where a result came from."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(highlight=False)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def environment(args) -> dict:
+    """The machine, model, dtype, commit and date a result was measured with."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "model": getattr(args, "model", None) or "SmolLM2-135M-Instruct (default)",
+        "dtype": getattr(args, "dtype", None),
+        "commit": commit or None,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"[dim]wrote {path}[/dim]")

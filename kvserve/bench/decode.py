@@ -1,0 +1,135 @@
+"""`kvserve bench decode`: single-stream decode speed against transformers and the memory
+bandwidth limit, on the same weights and prompt in one run."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from rich.table import Table
+
+from kvserve.bench.common import console, environment, median, write_json
+
+NAME = "decode"
+HELP = "single-stream decode tokens/s and TTFT vs transformers and the bandwidth limit"
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers run")
+    p.add_argument("--json", default=None, metavar="PATH")
+
+
+def copy_bandwidth_gb_s(num_bytes: int = 1 << 28) -> float:
+    """Read + write bytes per second of a large tensor copy (the best of a few)."""
+    src = torch.ones(num_bytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * num_bytes / best / 1e9
+
+
+def weight_bytes_per_token(model) -> int:
+    """Every weight is read once per decode step; the LM head reads the whole vocabulary
+    matrix, the embedding lookup a single row (ignored)."""
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if n != "embed_tokens.weight")
+    return total + model.lm_head.numel() * model.lm_head.element_size()
+
+
+def ours(llm, ids: list[int], max_tokens: int, runs: int) -> dict:
+    from kvserve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    llm.generate([ids], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    outs = [llm.generate([ids], params, use_tqdm=False)[0] for _ in range(runs)]
+    decode = [(len(o.token_ids) - 1) / (o.metrics.finish_time - o.metrics.first_token_time)
+              for o in outs]
+    return {"decode_tokens_per_s": median(decode), "ttft_s": median([o.metrics.ttft for o in outs])}
+
+
+def transformers_run(model_path, dtype: str, ids: list[int], max_tokens: int, runs: int) -> dict:
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from kvserve.model.loader import default_model_path
+
+    path = Path(model_path) if model_path else default_model_path()
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    where = path.parent if path.suffix == ".gguf" else path
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs)
+    x = torch.tensor([ids])
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        timed(8)
+        ttft = median([timed(1) for _ in range(runs)])
+        total = median([timed(max_tokens) for _ in range(runs)])
+    return {"decode_tokens_per_s": (max_tokens - 1) / (total - ttft), "ttft_s": ttft}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from kvserve.cli import engine_kwargs
+    from kvserve.engine.llm import LLM
+
+    start = time.perf_counter()
+    llm = LLM(**engine_kwargs(args))
+    load_s = time.perf_counter() - start
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    console.print(f"[bold]kvserve bench decode[/bold]: dtype {args.dtype}, device "
+                  f"{llm.engine.device}, {torch.get_num_threads()} threads, {len(ids)} prompt "
+                  f"tokens, {args.max_tokens} new tokens, model load {load_s:.2f} s")
+    bandwidth = copy_bandwidth_gb_s()
+    weight_bytes = weight_bytes_per_token(llm.engine.runner.model)
+    with console.status("kvserve..."):
+        mine = ours(llm, ids, args.max_tokens, args.runs)
+    mine["bandwidth_share"] = weight_bytes * mine["decode_tokens_per_s"] / (bandwidth * 1e9)
+    result = {"dtype": args.dtype, "prompt_tokens": len(ids), "new_tokens": args.max_tokens,
+              "bandwidth_gb_s": bandwidth, "weight_bytes_per_token": weight_bytes,
+              "load_s": load_s, "kvserve": mine, "transformers": None,
+              "speedup_vs_transformers": None, "env": environment(args)}
+    if not args.no_transformers:
+        try:
+            with console.status("transformers..."):
+                theirs = transformers_run(args.model, args.dtype, ids, args.max_tokens, args.runs)
+            result["transformers"] = theirs
+            result["speedup_vs_transformers"] = (mine["decode_tokens_per_s"]
+                                                 / theirs["decode_tokens_per_s"])
+        except ImportError:
+            console.print("[yellow]transformers is not installed: skipping its run "
+                          "(pip install 'kvserve[test]')[/yellow]")
+    print_table(result)
+    write_json(args.json, result)
+    return result
+
+
+def print_table(r: dict) -> None:
+    t = Table(title=f"single-stream decode, {r['dtype']}")
+    for col in ("engine", "decode tokens/s", "TTFT", "share of bandwidth limit"):
+        t.add_column(col, justify="right")
+    limit = r["bandwidth_gb_s"] * 1e9 / r["weight_bytes_per_token"]
+    k = r["kvserve"]
+    t.add_row("kvserve", f"{k['decode_tokens_per_s']:.1f}", f"{k['ttft_s'] * 1000:.0f} ms",
+              f"{k['bandwidth_share']:.0%}")
+    if r["transformers"]:
+        h = r["transformers"]
+        t.add_row("transformers", f"{h['decode_tokens_per_s']:.1f}", f"{h['ttft_s'] * 1000:.0f} ms",
+                  f"{h['decode_tokens_per_s'] / limit:.0%}")
+    t.add_row("bandwidth limit", f"{limit:.1f}", "", "100%")
+    console.print(t)
+    console.print(f"Copy bandwidth {r['bandwidth_gb_s']:.1f} GB/s; each token reads "
+                  f"{r['weight_bytes_per_token'] / 1e6:.0f} MB of weights.")
+    if r["speedup_vs_transformers"]:
+        console.print(f"kvserve decodes [bold]{r['speedup_vs_transformers']:.2f}x[/bold] "
+                      f"as fast as transformers.")
