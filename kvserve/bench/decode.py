@@ -4,6 +4,8 @@ bandwidth limit, on the same weights and prompt in one run."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import time
 
 import torch
@@ -35,12 +37,16 @@ def copy_bandwidth_gb_s(num_bytes: int = 1 << 28) -> float:
     return 2 * num_bytes / best / 1e9
 
 
-def weight_bytes_per_token(model) -> int:
+def weight_bytes_per_token(config, dtype: str) -> int:
     """Every weight is read once per decode step; the LM head reads the whole vocabulary
-    matrix, the embedding lookup a single row (ignored)."""
-    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                if n != "embed_tokens.weight")
-    return total + model.lm_head.numel() * model.lm_head.element_size()
+    matrix (tied or not), the embedding lookup a single row (ignored)."""
+    from kvserve.model.config import DTYPE_BYTES
+    from kvserve.model.loader import expected_tensor_shapes
+
+    shapes = expected_tensor_shapes(config)
+    shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    del shapes["model.embed_tokens.weight"]
+    return sum(math.prod(s) for s in shapes.values()) * DTYPE_BYTES[dtype]
 
 
 def ours(llm, ids: list[int], max_tokens: int, runs: int) -> dict:
@@ -66,6 +72,7 @@ def transformers_run(model_path, dtype: str, ids: list[int], max_tokens: int, ru
     where = path.parent if path.suffix == ".gguf" else path
     model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs)
     x = torch.tensor([ids])
+    torch.set_num_threads(os.cpu_count() or 1)  # transformers' own best setting
 
     def timed(n: int) -> float:
         start = time.perf_counter()
@@ -91,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
                   f"{llm.engine.device}, {torch.get_num_threads()} threads, {len(ids)} prompt "
                   f"tokens, {args.max_tokens} new tokens, model load {load_s:.2f} s")
     bandwidth = copy_bandwidth_gb_s()
-    weight_bytes = weight_bytes_per_token(llm.engine.runner.model)
+    weight_bytes = weight_bytes_per_token(llm.engine.model_config, args.dtype)
     with console.status("kvserve..."):
         mine = ours(llm, ids, args.max_tokens, args.runs)
     mine["bandwidth_share"] = weight_bytes * mine["decode_tokens_per_s"] / (bandwidth * 1e9)

@@ -16,7 +16,7 @@ from kvserve.cache.manager import KVCacheManager
 from kvserve.engine.output import RequestOutput, TextStream, make_output
 from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
-from kvserve.model.llama import build_model
+from kvserve.model.llama import build_model, uses_numpy_matmul
 from kvserve.model.loader import Checkpoint, load_checkpoint
 from kvserve.model.tokenizer import IncrementalDecoder
 from kvserve.runner.model_runner import ModelRunner
@@ -51,15 +51,18 @@ class Engine:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
         self.config = config
         self.device = resolve_device(config.device)
+        dtype = DTYPES[config.dtype]
         if self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+            # float32 matmuls run in numpy's BLAS on its own threads; a second pool of torch
+            # threads spinning beside it slows both far more than it speeds the small ops.
+            one = uses_numpy_matmul(dtype, self.device)
+            torch.set_num_threads(1 if one else config.num_threads or os.cpu_count() or 1)
         checkpoint = checkpoint or load_checkpoint(config.model)
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.fingerprint = checkpoint.fingerprint
         self.max_model_len = min(config.max_model_len or checkpoint.config.max_position_embeddings,
                                  checkpoint.config.max_position_embeddings)
-        dtype = DTYPES[config.dtype]
         self.kv_bytes_per_token = checkpoint.config.kv_bytes_per_token(config.dtype)
         self.block_bytes = self.kv_bytes_per_token * config.block_size
         num_blocks = config.kv_cache_memory // self.block_bytes

@@ -52,7 +52,7 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
+    parts = []  # in token order: the decodes, then each prefill chunk
     d = meta.num_decodes
     if d:
         assert meta.decode_slots is not None
@@ -64,7 +64,7 @@ def paged_attention(
         o = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
         )
-        out[:d] = o.squeeze(2)
+        parts.append(o.squeeze(2))
     for span in meta.prefills:
         end = span.start + span.num_new
         qs = q[span.start : end].transpose(0, 1)  # [num_heads, num_new, head_dim]
@@ -77,5 +77,5 @@ def paged_attention(
             vs = v_cache.index_select(0, span.context_slots).transpose(0, 1)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale,
                                                enable_gqa=True)
-        out[span.start : end] = o.transpose(0, 1)
-    return out
+        parts.append(o.transpose(0, 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +34,44 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
     is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+class Linear(nn.Module):
+    """``y = x W^T + b``, with W stored as [out, in] like nn.Linear.
+
+    On a CPU, ``prepare_for_cpu()`` picks the fastest matmul we measured for the few rows of
+    a decode step (docs/BENCHMARKS.md): in float32, numpy's BLAS on W kept as [in, out],
+    which streams weights about twice as fast as torch's GEMV (the weight becomes a
+    transposed view of that one copy); in bfloat16, oneDNN on a prepacked weight, about
+    1.4x faster than F.linear (the unpacked weight is dropped).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self._w_np: np.ndarray | None = None  # float32 [in, out]
+        self._packed: torch.Tensor | None = None  # oneDNN layout
+
+    def prepare_for_cpu(self) -> None:
+        assert self.weight is not None
+        if self.weight.dtype == torch.float32:
+            self._w_np = self.weight.detach().t().contiguous().numpy()
+            self.weight.data = torch.from_numpy(self._w_np).t()
+        elif torch.backends.mkldnn.is_available():
+            try:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+            except RuntimeError:  # a dtype this oneDNN build cannot pack: keep F.linear
+                return
+            self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._w_np is not None:
+            y = torch.from_numpy(np.matmul(x.numpy(), self._w_np))
+            return y if self.bias is None else y + self.bias
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 class RotaryEmbedding:
@@ -64,9 +103,9 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         eps = config.rms_norm_eps
         self.q_norm = nn.RMSNorm(config.head_dim, eps=eps) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(config.head_dim, eps=eps) if config.qk_norm else None
@@ -91,8 +130,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -119,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.lm_head = torch.empty(0)  # set by load_hf_tensors
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope: RotaryEmbedding | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -133,9 +172,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
-        if hidden.dtype == torch.float32:
-            return hidden @ self.lm_head  # lm_head: [hidden, vocab]
-        return F.linear(hidden, self.lm_head).float()  # lm_head: [vocab, hidden]
+        return self.lm_head(hidden).float()
 
     @torch.no_grad()
     def load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -147,17 +184,13 @@ class LlamaForCausalLM(nn.Module):
             raise KeyError(f"checkpoint lacks tensors for: {sorted(missing)[:5]}")
         for name, param in params.items():
             param.copy_(own[name])
-        head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
-        head = head.to(device=self.norm.weight.device, dtype=self.norm.weight.dtype)
-        # A one-row `x @ W` with W as [hidden, vocab] streams the largest matrix about twice
-        # as fast as F.linear in float32 on a CPU; in bfloat16 F.linear is already best.
-        self.lm_head = head.t().contiguous() if head.dtype == torch.float32 else head.contiguous()
 
 
 def fuse_hf_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict:
     """Hugging Face names -> this module's names, with q/k/v and gate/up concatenated."""
-    own = {"embed_tokens.weight": tensors["model.embed_tokens.weight"],
-           "norm.weight": tensors["model.norm.weight"]}
+    embed = tensors["model.embed_tokens.weight"]
+    own = {"embed_tokens.weight": embed, "norm.weight": tensors["model.norm.weight"],
+           "lm_head.weight": tensors.get("lm_head.weight", embed)}  # tied: a copy of embed
     for i in range(config.num_layers):
         hf, me = f"model.layers.{i}.", f"layers.{i}."
         attn = hf + "self_attn."
@@ -178,6 +211,10 @@ def fuse_hf_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> di
     return own
 
 
+def uses_numpy_matmul(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype == torch.float32
+
+
 def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                 device: torch.device, max_positions: int) -> LlamaForCausalLM:
     """Build on the meta device (no wasted random init), then fill with the checkpoint."""
@@ -186,4 +223,9 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: to
     model = model.to_empty(device=device).to(dtype)
     model.load_hf_tensors(tensors)
     model.rope = RotaryEmbedding(config, max_positions, device)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if device.type == "cpu":
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.prepare_for_cpu()
+    return model
