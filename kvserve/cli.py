@@ -50,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     add_engine_args(gen)
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1, /generate and /cache")
+    serve.add_argument("--max-waiting", type=int, default=None,
+                       help="requests waiting for their first token before new ones get 503")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: the model's own name)")
+    add_engine_args(serve)
+    serve.set_defaults(run=cmd_serve)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from kvserve.bench import decode, kv, throughput
 
@@ -85,6 +97,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         f"({out.finish_reason}) in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s, "
         f"TTFT {out.metrics.ttft * 1000:.0f} ms, KV work {out.num_tokens_computed} tokens, "
         f"peak KV {out.kv_bytes_peak:,} B[/dim]")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from kvserve.engine.engine import EngineConfig
+    from kvserve.server.app import run_server
+
+    run_server(EngineConfig(**engine_kwargs(args)), args.host, args.port, api_key=args.api_key,
+               max_waiting=args.max_waiting, served_model_name=args.served_model_name)
 
 
 def main(argv: list[str] | None = None) -> int:

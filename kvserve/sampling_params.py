@@ -18,6 +18,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-k logprobs of each sampled token
     use_kv_cache: bool = True
+    use_prefix_cache: bool = True
+    cache_salt: str | None = None  # requests share cached blocks only with the same salt
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.cache.manager import KVCacheManager
+from kvserve.cache.tiers import DiskTier, HostTier
 from kvserve.engine.output import RequestOutput, TextStream, make_output
 from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -36,12 +37,37 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # defaults to the model's context length
     num_threads: int | None = None  # CPU threads; default: all cores
+    enable_prefix_caching: bool = True
+    kv_host_memory: int | None = None  # host tier bytes; None: 4 GiB on a GPU, off on a CPU
+    kv_disk_cache: str | None = None  # folder of the disk tier; None: off
+    kv_disk_size: int = 10 << 30
+    num_exact_repeats: int = 64  # prompts whose last logits are kept for exact repeats
 
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def build_cache_manager(config: EngineConfig, num_blocks: int, block_bytes: int,
+                        fingerprint: str, dtype: torch.dtype,
+                        device: torch.device) -> KVCacheManager:
+    host_bytes = config.kv_host_memory
+    if host_bytes is None:
+        host_bytes = 4 << 30 if device.type == "cuda" else 0
+    disk = None
+    if config.kv_disk_cache:
+        def decode(data: bytes) -> torch.Tensor:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype)
+
+        def encode(payload: torch.Tensor) -> bytes:
+            return payload.contiguous().view(torch.uint8).numpy().tobytes()
+
+        disk = DiskTier(config.kv_disk_cache, config.kv_disk_size, fingerprint, encode, decode)
+    host = HostTier(host_bytes, spill=disk.put if disk else None) if host_bytes else None
+    return KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                          fingerprint, block_bytes, host, disk, config.num_exact_repeats)
 
 
 class Engine:
@@ -71,9 +97,9 @@ class Engine:
                              f"({self.block_bytes} B); give it more memory")
         model = build_model(checkpoint.config, checkpoint.tensors, dtype, self.device,
                             self.max_model_len)
-        self.runner = ModelRunner(model, checkpoint.config, num_blocks, config.block_size, dtype,
-                                  self.device)
-        self.kv = KVCacheManager(num_blocks, config.block_size)
+        self.kv = build_cache_manager(config, num_blocks, self.block_bytes, checkpoint.fingerprint,
+                                      dtype, self.device)
+        self.runner = ModelRunner(model, checkpoint.config, self.kv, dtype, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv)
         self.eos_ids = tuple(self.tokenizer.eos_token_ids)
@@ -138,6 +164,13 @@ class Engine:
         self.scheduler.finish(request, "abort")
         return make_output(request, prompt, stream, stream.take(finished=True),
                            self.kv_bytes_per_token)
+
+    def cache_stats(self) -> dict:
+        return self.kv.report()
+
+    def clear_cache(self) -> int:
+        """Drop every unreferenced cached block in every tier (never one in use)."""
+        return self.kv.clear()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

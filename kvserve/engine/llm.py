@@ -19,7 +19,9 @@ class LLM:
                  device: str = "auto",
                  kv_cache_memory: str | int = "1GiB", block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, num_threads: int | None = None) -> None:
+                 max_model_len: int | None = None, num_threads: int | None = None,
+                 enable_prefix_caching: bool = True, kv_host_memory: str | int | None = None,
+                 kv_disk_cache: str | None = None, kv_disk_size: str | int = "10GiB") -> None:
         """``model``: a .gguf file, a Hugging Face directory, a loaded Checkpoint, or None for
         the default SmolLM2-135M-Instruct."""
         checkpoint = model if isinstance(model, Checkpoint) else None
@@ -28,7 +30,9 @@ class LLM:
             kv_cache_memory=parse_size(kv_cache_memory),
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            num_threads=num_threads), checkpoint)
+            num_threads=num_threads, enable_prefix_caching=enable_prefix_caching,
+            kv_host_memory=None if kv_host_memory is None else parse_size(kv_host_memory),
+            kv_disk_cache=kv_disk_cache, kv_disk_size=parse_size(kv_disk_size)), checkpoint)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -92,3 +96,11 @@ class LLM:
             "kv_bytes_per_token": self.engine.kv_bytes_per_token,
             "kv_usage": kv.usage,
         }
+
+    def cache_stats(self) -> dict:
+        """Prefix-cache queries, hits and tokens saved, and blocks and bytes per tier."""
+        return self.engine.cache_stats()
+
+    def clear_cache(self) -> int:
+        """Drop every unreferenced cached block in every tier; returns how many."""
+        return self.engine.clear_cache()

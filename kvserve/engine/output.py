@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvserve.engine.request import Request
 
@@ -59,6 +59,7 @@ class RequestOutput:
     finish_reason: str | None
     num_cached_tokens: int
     metrics: RequestMetrics
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
     num_tokens_computed: int = 0  # K/V positions computed over all forward passes
     kv_bytes_peak: int = 0
     num_preemptions: int = 0
@@ -87,6 +88,7 @@ def make_output(request: Request, prompt: str | None, stream: TextStream, delta:
         token_ids=list(request.output_token_ids),
         finish_reason=request.finish_reason,
         num_cached_tokens=request.num_cached_tokens,
+        cached_tokens_by_tier=dict(request.cached_tokens_by_tier),
         metrics=RequestMetrics(request.arrival_time, request.first_token_time,
                                request.finish_time),
         num_tokens_computed=request.num_tokens_computed,

@@ -33,7 +33,11 @@ class Request:
     num_prompt_tokens_computed: int = 0
     num_kv_tokens_peak: int = 0
     num_preemptions: int = 0
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, in chain order
+    num_committed_blocks: int = 0  # leading blocks registered in the prefix index
+    cached_logits: Any = None  # exact repeat: sample the first token from these
     first_token_time: float | None = None
     finish_time: float | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)

@@ -75,11 +75,15 @@ class Scheduler:
                 budget -= num_new
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(request, num_new):
+            hit = self.kv.lookup(request)
+            # An exact repeat samples its first token from kept logits: nothing to compute yet.
+            num_new = 0 if hit.logits is not None else min(
+                request.num_tokens - hit.num_tokens, budget)
+            if not self.kv.allocate_slots(request, num_new, hit):
                 break
             self.waiting.popleft()
             request.status = Status.RUNNING
+            request.cached_logits = hit.logits
             self.running.append(request)
             out.scheduled.append((request, num_new))
             budget -= num_new
@@ -114,6 +118,7 @@ class Scheduler:
         for request, num_new in out.scheduled:
             self._count_work(request, num_new)
             request.num_computed_tokens += num_new
+            self.kv.commit(request)
             token = sampled.get(request.request_id)
             if token is None:  # mid-prompt chunk: nothing sampled yet
                 self.stats.num_chunked_prefills += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kvserve.cache.manager import KVCacheManager
 from kvserve.engine.request import Request
 from kvserve.engine.scheduler import SchedulerOutput
 from kvserve.model.attention import AttentionMetadata, PrefillSpan
@@ -13,10 +14,11 @@ from kvserve.runner.sampler import make_generator, sample, top_logprobs
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.model, self.device, self.block_size = model, device, block_size
-        num_slots = num_blocks * block_size
+    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, kv: KVCacheManager,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.kv, self.device = model, kv, device
+        self.block_size = block_size = kv.block_size
+        num_slots = kv.num_blocks * block_size
         # [layers, K/V, slots, kv_heads, head_dim], allocated once.
         self.kv_cache = torch.zeros(config.num_layers, 2, num_slots, config.num_kv_heads,
                                     config.head_dim, dtype=dtype, device=device)
@@ -28,27 +30,55 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Returns the sampled token of each request that reached its end this step."""
-        batch = sorted(out.scheduled, key=lambda s: s[1] != 1)  # single-token rows first
-        input_ids, positions, meta = self._prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
-        ends, to_sample = [], []
-        offset = 0
-        for request, num_new in batch:
-            offset += num_new
-            if request.num_computed_tokens + num_new == request.num_tokens:
-                ends.append(offset - 1)
+        self._transfer_blocks()
+        batch = sorted((s for s in out.scheduled if s[1]), key=lambda s: s[1] != 1)  # decodes 1st
+        rows, to_sample = [], []
+        if batch:
+            input_ids, positions, meta = self._prepare(batch)
+            hidden = self.model(input_ids, positions, meta)
+            ends, offset = [], 0
+            for request, num_new in batch:
+                offset += num_new
+                if request.num_computed_tokens + num_new == request.num_tokens:
+                    ends.append(offset - 1)
+                    to_sample.append(request)
+            if ends:
+                rows.append(self.model.compute_logits(hidden[ends]))  # [N, vocab]
+        for request, num_new in out.scheduled:
+            if num_new == 0:  # an exact repeat: its first token comes from kept logits
+                rows.append(request.cached_logits.to(self.device).unsqueeze(0))
                 to_sample.append(request)
+                request.cached_logits = None
         if not to_sample:
             return {}
-        logits = self.model.compute_logits(hidden[ends])  # [N, vocab]
-        for r in to_sample:
+        logits = torch.cat(rows) if len(rows) > 1 else rows[0]
+        return self._sample(to_sample, logits)
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> dict[str, int]:
+        for r in requests:
             if r.generator is None and r.params.seed is not None:
                 r.generator = make_generator(r.params.seed, self.device)
-        tokens = sample(logits, [r.params for r in to_sample], [r.generator for r in to_sample])
-        for i, r in enumerate(to_sample):
+        tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        for i, r in enumerate(requests):
             if r.params.logprobs is not None:
                 r.logprobs.append(top_logprobs(logits[i], [tokens[i]], r.params.logprobs))
-        return {r.request_id: t for r, t in zip(to_sample, tokens)}
+            if r.num_output_tokens == 0:
+                self.kv.remember_logits(r, logits[i].to("cpu", copy=True))
+        return {r.request_id: t for r, t in zip(requests, tokens)}
+
+    def _transfer_blocks(self) -> None:
+        """Evicted blocks out to the host/disk tier first, then tier hits into their blocks."""
+        saves, loads = self.kv.take_transfers()
+        for block_id, block_hash, tokens in saves:
+            self.kv.store_evicted(block_hash, tokens, self._block(block_id).to("cpu", copy=True))
+        for block_id, payload in loads:
+            block = self._block(block_id)
+            block.copy_(payload.reshape(block.shape))
+
+    def _block(self, block_id: int) -> torch.Tensor:
+        """[layers, K/V, block_size, kv_heads, head_dim] view of one block."""
+        start = block_id * self.block_size
+        return self.kv_cache[:, :, start : start + self.block_size]
 
     def _prepare(self, batch: list[tuple[Request, int]]):
         ids: list[int] = []

@@ -17,12 +17,12 @@ def test_allocate_gives_lowest_free_ids_with_count_one():
     assert pool.num_free == 1 and pool.num_used == 3
 
 
-def test_release_returns_blocks_in_release_order():
+def test_blocks_without_a_hash_are_reused_first():
     pool = BlockPool(4)
     ids = pool.allocate(4)
     pool.release(reversed(ids))
-    assert list(pool.free_ids) == [3, 2, 1, 0]
-    assert pool.allocate(1) == [3]
+    assert list(pool.queue) == [0, 1, 2, 3]
+    assert pool.allocate(1) == [0]
 
 
 def test_over_allocation_raises_and_changes_nothing():

@@ -15,7 +15,8 @@ def make(num_blocks=100, block_size=4, max_seqs=8, budget=32):
 
 
 def req(rid, prompt_len, max_tokens=4, **kw):
-    return Request(rid, list(range(10, 10 + prompt_len)),
+    first = 100 * sum(map(ord, rid))  # distinct prompts: no prefix shared by accident
+    return Request(rid, list(range(first, first + prompt_len)),
                    SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kw))
 
 

@@ -1,0 +1,315 @@
+"""One engine loop for the whole server: a thread steps the engine, asyncio serves HTTP.
+
+HTTP handlers never touch the ``Engine``. They put commands in a thread-safe inbox and read
+outputs from their request group's asyncio queue. The engine thread runs the commands between
+steps and hands every ``RequestOutput`` to the event loop with ``call_soon_threadsafe``: a slow
+client never holds up the batch, and a long step never blocks the event loop.
+
+    HTTP (event loop)  --submit/abort/call-->  inbox  -->  engine thread: step() ...
+    RequestGroup queue  <--call_soon_threadsafe--  outputs
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from kvserve.engine.engine import Engine
+from kvserve.engine.output import RequestOutput
+from kvserve.sampling_params import SamplingParams
+from kvserve.server.metrics import ServerMetrics
+
+log = logging.getLogger("kvserve.server")
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; nothing can be served until the server restarts."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests wait for their first token than ``max_waiting`` allows."""
+
+
+class RequestGroup:
+    """The engine requests behind one HTTP request: n choices of one or several prompts."""
+
+    def __init__(self, owner: AsyncEngine, request_ids: list[str]) -> None:
+        self.request_ids = request_ids
+        self.first_output_time: float | None = None  # perf_counter, seen on the event loop
+        self._owner = owner
+        self._queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
+        self._unstarted = set(range(len(request_ids)))  # no output yet: they count as waiting
+        self._unfinished = set(range(len(request_ids)))
+        self._closed = False
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(index, output) as the engine produces them, until every request has finished."""
+        while self._unfinished:
+            index, item = await self._queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item.finished:
+                self._unfinished.discard(index)
+            yield index, item
+
+    def close(self) -> None:
+        """Abort whatever has not finished (the client went away, or an error); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._owner.num_waiting -= len(self._unstarted)
+        self._unstarted.clear()
+        for index in self._unfinished:
+            self._owner.abort(self.request_ids[index])
+
+    def _receive(self, index: int, item: RequestOutput | Exception) -> None:
+        """Runs on the event loop, scheduled by the engine thread."""
+        if self.first_output_time is None:
+            self.first_output_time = time.perf_counter()
+        if index in self._unstarted:
+            self._unstarted.discard(index)
+            self._owner.num_waiting -= 1
+        self._queue.put_nowait((index, item))
+
+
+@dataclass
+class _Tracked:
+    """Engine-thread bookkeeping of one request, for delivery, metrics and the log line."""
+
+    group: RequestGroup
+    index: int
+    submit_time: float
+    ttft: float | None = None  # seconds from submit (HTTP side) to the first token
+    last_token_time: float = 0.0
+    num_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class _Add:
+    group: RequestGroup
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    submit_time: float
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[Engine], Any]
+    future: concurrent.futures.Future
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, metrics: ServerMetrics,
+                 max_waiting: int | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_waiting = max_waiting
+        self.num_waiting = 0  # accepted, no output yet; touched only on the event loop
+        self.num_requests_hit = 0  # requests that found a cached prefix (engine thread)
+        self.num_requests_missed = 0
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
+        self._tracked: dict[str, _Tracked] = {}
+        self._lock = threading.Lock()  # submit vs. the loop dying: no command is lost between
+        self._dead = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, prompts: list[tuple[list[int], SamplingParams]],
+               request_id: str) -> RequestGroup:
+        """Validate every prompt, then queue them all (or none) as one group.
+
+        Raises:
+            ValueError: a prompt cannot run (too long, bad token ids); nothing was queued.
+            QueueFullError: ``max_waiting`` would be exceeded; nothing was queued.
+            EngineDeadError: the engine loop has stopped.
+        """
+        for ids, params in prompts:
+            self.engine.check_fits(ids, params)
+        if self.max_waiting is not None:
+            if len(prompts) > self.max_waiting:
+                raise ValueError(f"{len(prompts)} completions in one request is more than the "
+                                 f"server queues at once ({self.max_waiting})")
+            if self.num_waiting + len(prompts) > self.max_waiting:
+                raise QueueFullError(f"{self.num_waiting} requests are waiting (limit "
+                                     f"{self.max_waiting}); retry shortly")
+        group = RequestGroup(self, [f"{request_id}-{i}" for i in range(len(prompts))])
+        now = time.perf_counter()
+        with self._lock:
+            if self._dead:
+                raise EngineDeadError("the engine loop has stopped")
+            for index, (ids, params) in enumerate(prompts):
+                self._inbox.put(_Add(group, index, ids, params, now))
+        self.num_waiting += len(prompts)
+        return group
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread, between steps, and return its result."""
+        return await asyncio.wrap_future(self.call_threadsafe(fn))
+
+    def call_threadsafe(self, fn: Callable[[Engine], T]) -> concurrent.futures.Future[T]:
+        """``call`` for any thread: the future completes on the engine thread."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._dead:
+                raise EngineDeadError("the engine loop has stopped")
+            self._inbox.put(_Call(fn, future))
+        return future
+
+    # --- everything below runs on the engine thread ---
+
+    def _run(self) -> None:
+        try:
+            while self._run_commands(block=not self.engine.has_unfinished()):
+                if self.engine.has_unfinished():
+                    self._step()
+                    if not self.engine.has_unfinished():
+                        self.engine.check_integrity()  # idle again: no block may be held
+                self._publish_state()
+        except Exception as exc:
+            log.exception("the engine loop died; /health now answers 503")
+            self._die(exc)
+
+    def _run_commands(self, block: bool) -> bool:
+        """Run what the inbox holds (waiting for one command when idle); False on stop."""
+        try:
+            command = self._inbox.get() if block else self._inbox.get_nowait()
+            while True:
+                if command is None:
+                    return False
+                self._run_command(command)
+                command = self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _run_command(self, command: _Add | _Abort | _Call) -> None:
+        if isinstance(command, _Add):
+            self._add(command)
+        elif isinstance(command, _Abort):
+            out = self.engine.abort(command.request_id)
+            if out is not None:
+                self._deliver(out)
+        elif command.future.set_running_or_notify_cancel():
+            try:
+                command.future.set_result(command.fn(self.engine))
+            except Exception as exc:
+                command.future.set_exception(exc)
+
+    def _add(self, command: _Add) -> None:
+        request_id = command.group.request_ids[command.index]
+        try:
+            self.engine.add_request(command.prompt_ids, command.params, request_id)
+        except Exception as exc:  # validated before queueing, so this is a bug: fail it alone
+            log.exception("could not add request %s", request_id)
+            self._send(command.group, command.index, exc)
+            return
+        self._tracked[request_id] = _Tracked(command.group, command.index, command.submit_time)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            log.exception("engine step failed; failing the requests it ran")
+            outputs = self._fail_running()
+        for out in outputs:
+            self._deliver(out)
+
+    def _fail_running(self) -> list[RequestOutput]:
+        """Finish the requests a failed step ran (all queued ones if none ran) with ``error``."""
+        scheduler = self.engine.scheduler
+        suspects = list(scheduler.running) or list(scheduler.waiting)
+        outputs = (self.engine.abort(r.request_id) for r in suspects)
+        return [replace(o, finish_reason="error") for o in outputs if o is not None]
+
+    def _deliver(self, out: RequestOutput) -> None:
+        tracked = self._tracked.get(out.request_id)
+        if tracked is None:
+            return
+        self._observe(out, tracked, time.perf_counter())
+        if out.finished:
+            del self._tracked[out.request_id]
+        self._send(tracked.group, tracked.index, out)
+
+    def _send(self, group: RequestGroup, index: int, item: RequestOutput | Exception) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(group._receive, index, item)
+
+    def _observe(self, out: RequestOutput, tracked: _Tracked, now: float) -> None:
+        num_new = len(out.token_ids) - tracked.num_tokens
+        if num_new > 0:
+            is_first = tracked.num_tokens == 0
+            if is_first:
+                tracked.ttft = now - tracked.submit_time
+                self._count_first_token(out, tracked.ttft)
+            self.metrics.new_tokens(num_new, None if is_first else now - tracked.last_token_time)
+            tracked.num_tokens, tracked.last_token_time = len(out.token_ids), now
+        if out.finished:
+            self.metrics.finished(out.finish_reason or "error", now - tracked.submit_time)
+            _log_finished(out, tracked, now)
+
+    def _count_first_token(self, out: RequestOutput, ttft: float) -> None:
+        self.metrics.first_token(len(out.prompt_token_ids), out.num_cached_tokens, ttft)
+        if out.num_cached_tokens:
+            self.num_requests_hit += 1
+        else:
+            self.num_requests_missed += 1
+
+    def _publish_state(self) -> None:
+        kv, scheduler = self.engine.kv, self.engine.scheduler
+        self.metrics.engine_state(len(scheduler.running), len(scheduler.waiting),
+                                  kv.num_blocks - kv.num_free_blocks, kv.usage)
+
+    def _die(self, exc: Exception) -> None:
+        """Fail every request in flight or still in the inbox; refuse new ones."""
+        with self._lock:
+            self._dead = True
+        dead = EngineDeadError(f"the engine loop has stopped: {exc!r}")
+        for tracked in self._tracked.values():
+            self._send(tracked.group, tracked.index, dead)
+        self._tracked.clear()
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._send(command.group, command.index, dead)
+            elif isinstance(command, _Call):
+                command.future.set_exception(dead)
+
+
+def _log_finished(out: RequestOutput, tracked: _Tracked, now: float) -> None:
+    ttft = "-" if tracked.ttft is None else f"{tracked.ttft * 1000:.0f} ms"
+    log.info("%s: %d prompt tokens (%d cached), %d generated, TTFT %s, total %.0f ms, %s",
+             out.request_id, len(out.prompt_token_ids), out.num_cached_tokens,
+             len(out.token_ids), ttft, (now - tracked.submit_time) * 1000, out.finish_reason)

@@ -1,0 +1,59 @@
+"""``POST /v1/completions``: prompts in OpenAI's four forms, text (and logprobs) out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvserve.engine.output import RequestOutput
+from kvserve.sampling_params import SamplingParams
+from kvserve.server.errors import APIError, bad_request
+from kvserve.server.logprobs import completion_logprobs
+from kvserve.server.protocol import CompletionRequest
+from kvserve.server.render import ChoiceState, Renderer
+from kvserve.server.serving import ServerContext
+
+
+def prepare(ctx: ServerContext, body: CompletionRequest
+            ) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Token ids and sampling params of each prompt; raises APIError for a bad request."""
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs needs the prompt's logprobs, which this server "
+                            "does not compute; drop one of them", "echo")
+    prompts = [ctx.tokenize(p, "prompt") if isinstance(p, str) else p for p in body.prompt]
+    try:
+        params = [body.sampling_params(body.max_tokens or ctx.max_tokens_left(len(ids)),
+                                       body.logprobs) for ids in prompts]
+    except ValueError as exc:
+        raise bad_request(exc, set(CompletionRequest.model_fields), "prompt") from exc
+    return prompts, params
+
+
+class CompletionRenderer(Renderer):
+    object_name = chunk_object_name = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self, ctx: ServerContext, body: CompletionRequest,
+                 prompts: list[list[int]]) -> None:
+        super().__init__(ctx, body, prompts)
+        self.completion = body
+        self._echo = ([p if isinstance(p, str) else ctx.tokenizer.decode(p) for p in body.prompt]
+                      if body.echo else None)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.completion.logprobs is not None
+
+    def text_prefix(self, index: int) -> str:
+        return self._echo[index // self.body.n] if self._echo else ""
+
+    def choice_body(self, index: int, text: str, streaming: bool) -> dict[str, Any]:
+        return {"text": text}
+
+    def logprobs(self, out: RequestOutput, state: ChoiceState) -> dict[str, Any] | None:
+        if out.logprobs is None:
+            return None
+        start = state.num_tokens_sent
+        result = completion_logprobs(self.ctx.token_text, out.token_ids[start:],
+                                     out.logprobs[start:], state.text_offset)
+        state.text_offset += sum(len(t) for t in result["tokens"])
+        return result

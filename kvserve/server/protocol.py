@@ -1,0 +1,166 @@
+"""Request bodies of the OpenAI routes and the legacy ``/generate``, and their SamplingParams.
+
+Strict types (a string is not a number), OpenAI's ranges, and unknown fields accepted: OpenAI
+clients send ``user``, ``logit_bias: null`` and friends, which must not fail a request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kvserve.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+_GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing by them overflows)
+_SEED_RANGE = 2**63
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(OpenAIModel):
+    """Fields both OpenAI routes share."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=128)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=_SEED_RANGE)
+    stop: list[str] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Sent by OpenAI clients with neutral values; others are refused, not silently ignored.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # kvserve extensions.
+    cache_salt: str | None = None
+    use_kv_cache: bool = True
+    use_prefix_cache: bool | None = None
+    return_token_ids: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
+    @classmethod
+    def _neutral(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("is not supported by this server (only 0, {} or null)")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return make_sampling_params(
+            max_tokens=max_tokens, temperature=0.0 if temperature < _GREEDY_BELOW else temperature,
+            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
+            stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
+            use_kv_cache=self.use_kv_cache, use_prefix_cache=self.use_prefix_cache,
+            cache_salt=self.cache_salt)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: list[Prompt]  # one or more prompts, each text or token ids
+    max_tokens: int | None = Field(16, ge=1)  # None: up to the end of the context
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_as_list(cls, value: Any) -> Any:
+        """OpenAI's four prompt forms: "text", ["text", ...], [ids], [[ids], ...]."""
+        if isinstance(value, str) or (value and _is_token_ids(value)):
+            return [value]
+        if (isinstance(value, list) and value
+                and all(isinstance(p, str) or _is_token_ids(p) for p in value)):
+            return value
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list "
+                         "of token-id lists, and not empty")
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str = ""
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_of(cls, value: Any) -> Any:
+        """Content parts [{"type": "text", "text": ...}] joined; other kinds are refused."""
+        if value is None:
+            return ""
+        if not isinstance(value, list):
+            return value
+        if not all(isinstance(part, dict) and part.get("type") == "text"
+                   and isinstance(part.get("text"), str) for part in value):
+            raise ValueError('only text content is supported: [{"type": "text", "text": "..."}]')
+        return "".join(p["text"] for p in value)
+
+    def as_template_input(self) -> dict[str, str]:
+        return {"role": "system" if self.role == "developer" else self.role,
+                "content": self.content}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class GenerateRequest(OpenAIModel):
+    """The legacy ``/generate`` body."""
+
+    prompt: str
+    max_new_tokens: int = Field(64, ge=1)
+    use_cache: bool = True
+    use_prefix_cache: bool = True
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=_SEED_RANGE)
+
+    def sampling_params(self) -> SamplingParams:
+        temperature = 0.0 if self.temperature < _GREEDY_BELOW else self.temperature
+        return make_sampling_params(
+            max_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p,
+            seed=self.seed, use_kv_cache=self.use_cache, use_prefix_cache=self.use_prefix_cache)
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def make_sampling_params(**values: Any) -> SamplingParams:
+    """SamplingParams from the values given (None: the default). Fields this engine does not
+    have yet (``cache_salt``, ``use_prefix_cache`` before prefix caching) are dropped."""
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    return SamplingParams(**{k: v for k, v in values.items() if k in known and v is not None})
+
+
+def with_seed_offset(params: SamplingParams, offset: int) -> SamplingParams:
+    """The params of choice ``offset`` of n: a seeded request's choices must differ."""
+    if params.seed is None or offset == 0:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + offset) % _SEED_RANGE)

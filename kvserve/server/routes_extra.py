@@ -1,0 +1,111 @@
+"""The routes beyond OpenAI's: legacy ``/generate``, ``/cache/*``, ``/health``, ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from kvserve.engine.engine import Engine
+from kvserve.server.async_engine import AsyncEngine, EngineDeadError
+from kvserve.server.errors import APIError, bad_request
+from kvserve.server.protocol import GenerateRequest
+from kvserve.server.serving import Context, ServerContext, collect
+
+T = TypeVar("T")
+guarded = APIRouter()  # behind the API key, when there is one
+open_router = APIRouter()
+
+
+@guarded.post("/generate")
+async def generate(body: GenerateRequest, request: Request,
+                   ctx: Context) -> dict[str, Any]:
+    start = time.perf_counter()
+    ids = ctx.tokenize(body.prompt, "prompt")
+    tokenized = time.perf_counter()
+    try:
+        params = body.sampling_params()
+    except ValueError as exc:
+        raise bad_request(exc, set(GenerateRequest.model_fields), "prompt") from exc
+    group = ctx.submit([ids], [params], 1, f"gen-{uuid.uuid4().hex}",
+                       GenerateRequest.model_fields, "prompt")
+    [out] = await collect(group, request)
+    end = time.perf_counter()
+    first = group.first_output_time or end
+    lookup = getattr(out.metrics, "cache_lookup_time", None)  # when the engine measures it
+    return {
+        "text": out.text,
+        "latency_ms": _ms(end - start),
+        "tokens_per_sec": len(out.token_ids) / (end - start),
+        "cache_enabled": body.use_cache,
+        "prefix_cache_hit": out.num_cached_tokens > 0,
+        "timings": {
+            "tokenize_ms": _ms(tokenized - start),
+            "cache_lookup_ms": _ms(lookup or 0.0),
+            "ttft_ms": _ms(first - start),
+            "decode_ms": _ms(end - first),
+            "total_ms": _ms(end - start),
+            "prefix_tokens_saved": out.num_cached_tokens,
+        },
+    }
+
+
+@guarded.get("/cache/stats")
+async def cache_stats(ctx: Context) -> dict[str, Any]:
+    return await _on_engine(ctx, lambda engine: _stats(engine, ctx.engine))
+
+
+@guarded.post("/cache/clear")
+async def cache_clear(ctx: Context) -> dict[str, int]:
+    return {"cleared_blocks": await _on_engine(ctx, _clear)}
+
+
+@open_router.get("/health")
+async def health(ctx: Context) -> dict[str, str]:
+    if not ctx.engine.is_alive:
+        raise APIError(503, "the engine loop is not running")
+    return {"status": "ok"}
+
+
+@open_router.get("/metrics")
+async def metrics(ctx: Context) -> Response:
+    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _on_engine(ctx: ServerContext, fn: Callable[[Engine], T]) -> T:
+    try:
+        return await ctx.engine.call(fn)
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc)) from exc
+
+
+def _stats(engine: Engine, server: AsyncEngine) -> dict[str, Any]:
+    """Runs on the engine thread. The legacy keys count requests; the engine's own cache
+    statistics, when it keeps them, come beside them."""
+    kv, scheduler = engine.kv, engine.scheduler
+    hits, misses = server.num_requests_hit, server.num_requests_missed
+    cache_stats = getattr(engine, "cache_stats", None)
+    return {
+        "cache_size": kv.num_blocks - kv.num_free_blocks,
+        **(cache_stats() if cache_stats else {}),
+        "hits": hits, "misses": misses, "total_requests": hits + misses,
+        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+        "kv_blocks_total": kv.num_blocks, "kv_blocks_free": kv.num_free_blocks,
+        "kv_usage": kv.usage, "block_size": kv.block_size,
+        "num_running": len(scheduler.running), "num_waiting": len(scheduler.waiting),
+    }
+
+
+def _clear(engine: Engine) -> int:
+    """Drop the cached, unreferenced blocks; an engine without a prefix cache keeps none."""
+    clear_cache = getattr(engine, "clear_cache", None)
+    return clear_cache() if clear_cache else 0
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)

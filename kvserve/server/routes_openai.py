@@ -1,0 +1,50 @@
+"""The OpenAI routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from kvserve.sampling_params import SamplingParams
+from kvserve.server import chat, completions
+from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from kvserve.server.render import Renderer
+from kvserve.server.serving import Context, EventStream, collect
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(ctx: Context) -> dict[str, Any]:
+    return {"object": "list", "data": [{
+        "id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "kvserve",
+        "max_model_len": ctx.max_model_len}]}
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request,
+                            ctx: Context) -> Response:
+    ctx.check_model(body.model)
+    prompts, params = completions.prepare(ctx, body)
+    return await _respond(completions.CompletionRenderer(ctx, body, prompts), params, request,
+                          "prompt")
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 ctx: Context) -> Response:
+    ctx.check_model(body.model)
+    prompts, params = chat.prepare(ctx, body)
+    return await _respond(chat.ChatRenderer(ctx, body, prompts), params, request, "messages")
+
+
+async def _respond(renderer: Renderer, params: list[SamplingParams], request: Request,
+                   prompt_param: str) -> Response:
+    body = renderer.body
+    group = renderer.ctx.submit(renderer.prompts, params, body.n, renderer.id,
+                                type(body).model_fields, prompt_param)
+    if body.stream:
+        return EventStream(renderer.chunks(group), group)
+    return JSONResponse(renderer.response(await collect(group, request)))
