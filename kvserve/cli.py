@@ -19,14 +19,28 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for bfloat16/float16 (default: all); float32 matmuls "
+                        "use numpy's BLAS threads (OPENBLAS_NUM_THREADS)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse KV blocks across requests")
+    p.add_argument("--kv-host-memory", type=parse_size, default=None,
+                   help="host-memory tier for evicted blocks (default: 4GiB on a GPU, off on CPU)")
+    p.add_argument("--kv-disk-cache", default=None, metavar="DIR",
+                   help="disk tier for evicted blocks; survives restarts")
+    p.add_argument("--kv-disk-size", type=parse_size, default="10GiB")
+    p.add_argument("--schedule-policy", choices=["fcfs", "lpm"], default="fcfs",
+                   help="lpm: waiting requests with the longest cached prefix first")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, dtype=args.dtype, device=args.device,
                 kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=args.max_model_len, num_threads=args.threads)
+                max_model_len=args.max_model_len, num_threads=args.threads,
+                enable_prefix_caching=not args.no_prefix_cache,
+                kv_host_memory=args.kv_host_memory, kv_disk_cache=args.kv_disk_cache,
+                kv_disk_size=args.kv_disk_size, schedule_policy=args.schedule_policy)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

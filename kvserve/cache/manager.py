@@ -141,6 +141,17 @@ class KVCacheManager:
         hit.num_tokens = len(hit.found) * bs
         return hit
 
+    def num_cached_blocks(self, request: CachedRequest) -> int:
+        """Leading blocks of the request already in the device pool (a cheap probe)."""
+        if not self.caches(request):
+            return 0
+        bs, n = self.block_size, 0
+        for i, h in enumerate(self._hashes(request, request.num_tokens // bs)):
+            if self.pool.lookup(h, request.token_ids_slice(i * bs, (i + 1) * bs)) is None:
+                break
+            n += 1
+        return n
+
     def _tier_get(self, h: bytes, tokens: tuple[int, ...]) -> tuple[Any, str] | None:
         for name, tier in (("host", self.host), ("disk", self.disk)):
             if tier is not None and (payload := tier.get(h, tokens)) is not None:

@@ -42,6 +42,7 @@ class EngineConfig:
     kv_disk_cache: str | None = None  # folder of the disk tier; None: off
     kv_disk_size: int = 10 << 30
     num_exact_repeats: int = 64  # prompts whose last logits are kept for exact repeats
+    schedule_policy: str = "fcfs"  # or "lpm" (longest cached prefix first)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -101,7 +102,8 @@ class Engine:
                                       dtype, self.device)
         self.runner = ModelRunner(model, checkpoint.config, self.kv, dtype, self.device)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv)
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                            config.schedule_policy), self.kv)
         self.eos_ids = tuple(self.tokenizer.eos_token_ids)
         self._streams: dict[str, tuple[Request, str | None, TextStream]] = {}
         self._ids = itertools.count()

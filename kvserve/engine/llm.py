@@ -21,7 +21,8 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, num_threads: int | None = None,
                  enable_prefix_caching: bool = True, kv_host_memory: str | int | None = None,
-                 kv_disk_cache: str | None = None, kv_disk_size: str | int = "10GiB") -> None:
+                 kv_disk_cache: str | None = None, kv_disk_size: str | int = "10GiB",
+                 schedule_policy: str = "fcfs") -> None:
         """``model``: a .gguf file, a Hugging Face directory, a loaded Checkpoint, or None for
         the default SmolLM2-135M-Instruct."""
         checkpoint = model if isinstance(model, Checkpoint) else None
@@ -32,7 +33,8 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             num_threads=num_threads, enable_prefix_caching=enable_prefix_caching,
             kv_host_memory=None if kv_host_memory is None else parse_size(kv_host_memory),
-            kv_disk_cache=kv_disk_cache, kv_disk_size=parse_size(kv_disk_size)), checkpoint)
+            kv_disk_cache=kv_disk_cache, kv_disk_size=parse_size(kv_disk_size),
+            schedule_policy=schedule_policy), checkpoint)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],

@@ -16,11 +16,20 @@ from dataclasses import dataclass, field
 from kvserve.cache.manager import KVCacheManager
 from kvserve.engine.request import Request, Status
 
+# Longest-prefix-match ordering pays a lookup per waiting request per step; past this many
+# waiting requests it falls back to first come, first served, so nothing starves.
+LPM_MAX_WAITING = 32
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    policy: str = "fcfs"  # or "lpm": waiting requests with the longest cached prefix first
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "lpm"):
+            raise ValueError(f"schedule policy must be 'fcfs' or 'lpm', got {self.policy!r}")
 
 
 @dataclass
@@ -73,6 +82,8 @@ class Scheduler:
             if self._allocate_or_preempt(request, num_new, out):
                 out.scheduled.append((request, num_new))
                 budget -= num_new
+        if self.config.policy == "lpm" and 1 < len(self.waiting) <= LPM_MAX_WAITING:
+            self.waiting = deque(sorted(self.waiting, key=lambda r: -self.kv.num_cached_blocks(r)))
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             hit = self.kv.lookup(request)

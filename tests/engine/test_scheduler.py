@@ -139,3 +139,16 @@ def test_randomized_steps_keep_blocks_conserved():
     assert all(r.num_output_tokens == r.params.max_tokens for r in requests)
     assert s.kv.num_free_blocks == 24
     assert s.stats.num_preemptions > 0
+
+
+def test_lpm_serves_the_longest_cached_prefix_first():
+    s = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=100, policy="lpm"),
+                  KVCacheManager(50, 4))
+    warm = req("warm", 12, max_tokens=1)
+    s.add(warm)
+    while s.has_unfinished():
+        fake_step(s)
+    s.add(req("cold", 12, max_tokens=1))
+    s.add(Request("hot", list(warm.prompt_token_ids) + [5], SamplingParams(max_tokens=1)))
+    out = s.schedule()
+    assert plan(out) == [("hot", 1)]  # 12 cached tokens: only the new last one is computed
