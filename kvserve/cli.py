@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from kvserve.bench import decode, kv, throughput
+    from kvserve.bench import decode, kv, prefix, throughput
 
-    for module in (kv, decode, throughput):
+    for module in (kv, decode, throughput, prefix):
         p = bench.add_parser(module.NAME, help=module.HELP)
         module.add_args(p)
         add_engine_args(p)
