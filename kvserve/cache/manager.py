@@ -15,9 +15,8 @@ from typing import Any, Protocol
 
 from kvserve.cache.block_pool import BlockPool
 from kvserve.cache.hashing import hash_block, root_hash, salt_bytes
+from kvserve.cache.stats import CacheStats
 from kvserve.cache.tiers import DiskTier, Entry, HostTier
-
-TIERS = ("device", "host", "disk", "exact_repeat")
 
 
 class Params(Protocol):
@@ -56,16 +55,6 @@ class CacheHit:
         for *_, tier in self.found:
             by_tier[tier] = by_tier.get(tier, 0) + block_size
         return by_tier
-
-
-@dataclass
-class CacheStats:
-    num_queries: int = 0  # requests looked up
-    num_hits: int = 0  # requests with at least one cached token
-    num_query_tokens: int = 0
-    num_hit_tokens: int = 0
-    hit_tokens_by_tier: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
-    num_exact_repeats: int = 0
 
 
 class KVCacheManager:
@@ -281,35 +270,6 @@ class KVCacheManager:
         parent = hashes[-1] if hashes else self.root
         tail = request.token_ids_slice(len(hashes) * bs, n)
         return hash_block(parent, tail, b"exact:" + salt_bytes(request.params.cache_salt))
-
-    def report(self) -> dict:
-        """Aggregate prefix-cache figures, and blocks and bytes per tier."""
-        s, pool = self.stats, self.pool
-        num_cached = pool.num_cached
-        tiers: dict[str, dict] = {"device": {
-            "blocks_total": pool.num_blocks, "blocks_used": pool.num_used,
-            "blocks_cached": num_cached, "blocks_free": pool.num_free - num_cached,
-            "bytes": pool.num_blocks * self.block_bytes,
-            "bytes_used": (pool.num_used + num_cached) * self.block_bytes}}
-        if self.host is not None:
-            tiers["host"] = {"blocks_cached": len(self.host.entries),
-                             "bytes": self.host.capacity_bytes, "bytes_used": self.host.num_bytes}
-        if self.disk is not None:
-            d = self.disk
-            tiers["disk"] = {"blocks_cached": len(d.files), "bytes": d.capacity_bytes,
-                             "bytes_used": d.num_bytes, "enabled": d.enabled}
-        return {
-            "enabled": self.enabled,
-            "num_queries": s.num_queries, "num_hits": s.num_hits,
-            "hit_rate": s.num_hits / s.num_queries if s.num_queries else 0.0,
-            "num_query_tokens": s.num_query_tokens, "num_hit_tokens": s.num_hit_tokens,
-            "token_hit_rate": s.num_hit_tokens / s.num_query_tokens if s.num_query_tokens else 0.0,
-            "tokens_saved": s.num_hit_tokens,
-            "hit_tokens_by_tier": dict(s.hit_tokens_by_tier),
-            "num_exact_repeats": s.num_exact_repeats,
-            "num_evictions": pool.num_evictions,
-            "tiers": tiers,
-        }
 
     def check_integrity(self, requests: Iterable[CachedRequest]) -> None:
         self.pool.check_integrity(r.block_table for r in requests)

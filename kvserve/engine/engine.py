@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.cache.manager import KVCacheManager
+from kvserve.cache.stats import cache_report
 from kvserve.cache.tiers import DiskTier, HostTier
 from kvserve.engine.output import RequestOutput, TextStream, make_output
 from kvserve.engine.request import Request
@@ -168,7 +169,7 @@ class Engine:
                            self.kv_bytes_per_token)
 
     def cache_stats(self) -> dict:
-        return self.kv.report()
+        return cache_report(self.kv)
 
     def clear_cache(self) -> int:
         """Drop every unreferenced cached block in every tier (never one in use)."""
