@@ -110,9 +110,11 @@ class Engine:
         self._ids = itertools.count()
 
     def add_request(self, prompt: str | list[int], params: SamplingParams,
-                    request_id: str | None = None) -> Request:
-        """Validate and queue a request; raises ValueError (nothing queued) if it cannot run."""
-        text = prompt if isinstance(prompt, str) else None
+                    request_id: str | None = None, prompt_text: str | None = None) -> Request:
+        """Validate and queue a request; raises ValueError (nothing queued) if it cannot run.
+
+        ``prompt_text``: the text of a prompt given as ids, reported back in its output."""
+        text = prompt if isinstance(prompt, str) else prompt_text
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_fits(ids, params)
         request = Request(request_id or f"req-{next(self._ids)}", ids, params)

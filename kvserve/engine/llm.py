@@ -48,12 +48,15 @@ class LLM:
         params_list = list(params) if many else [params] * len(prompts)  # type: ignore[arg-type]
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
-        for p, sp in zip(prompts, params_list):  # validate all before queueing any
-            self.engine.check_fits(self._ids(p), sp)
-        ids = [self.engine.add_request(p, sp).request_id for p, sp in zip(prompts, params_list)]
+        token_ids = [self._ids(p) for p in prompts]
+        for ids, sp in zip(token_ids, params_list):  # validate all before queueing any
+            self.engine.check_fits(ids, sp)
+        request_ids = [
+            self.engine.add_request(ids, sp, prompt_text=p if isinstance(p, str) else None)
+            .request_id for p, ids, sp in zip(prompts, token_ids, params_list)]
         show = use_tqdm if use_tqdm is not None else len(prompts) >= 8
-        done = {o.request_id: o for o in self._run(len(ids), show) if o.finished}
-        return [done[i] for i in ids]
+        done = {o.request_id: o for o in self._run(len(request_ids), show) if o.finished}
+        return [done[i] for i in request_ids]
 
     def chat(self, messages: list[dict] | Sequence[list[dict]],
              sampling_params: SamplingParams | None = None,

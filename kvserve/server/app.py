@@ -62,6 +62,7 @@ def banner(engine: Engine, model_name: str, url: str) -> str:
     return (f"kvserve {__version__}: {model_name} ({engine.config.dtype}, {engine.device}), "
             f"context {engine.max_model_len} tokens, KV pool {kv.num_blocks} blocks x "
             f"{kv.block_size} tokens ({format_size(kv.num_blocks * engine.block_bytes)}), "
+            f"prefix cache {'on' if engine.config.enable_prefix_caching else 'off'}, "
             f"serving at {url}")
 
 

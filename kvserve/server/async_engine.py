@@ -5,8 +5,8 @@ outputs from their request group's asyncio queue. The engine thread runs the com
 steps and hands every ``RequestOutput`` to the event loop with ``call_soon_threadsafe``: a slow
 client never holds up the batch, and a long step never blocks the event loop.
 
-    HTTP (event loop)  --submit/abort/call-->  inbox  -->  engine thread: step() ...
-    RequestGroup queue  <--call_soon_threadsafe--  outputs
+    HTTP handler  --submit / abort / call-->  inbox  -->  engine thread: commands, step()
+    RequestGroup.outputs()  <--call_soon_threadsafe(receive)--  each RequestOutput
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from kvserve.engine.engine import Engine
 from kvserve.engine.output import RequestOutput
 from kvserve.sampling_params import SamplingParams
-from kvserve.server.metrics import ServerMetrics
+from kvserve.server.metrics import RequestTimes, ServerMetrics
+from kvserve.server.request_group import RequestGroup
 
 log = logging.getLogger("kvserve.server")
 T = TypeVar("T")
@@ -38,58 +39,17 @@ class QueueFullError(RuntimeError):
     """More requests wait for their first token than ``max_waiting`` allows."""
 
 
-class RequestGroup:
-    """The engine requests behind one HTTP request: n choices of one or several prompts."""
-
-    def __init__(self, owner: AsyncEngine, request_ids: list[str]) -> None:
-        self.request_ids = request_ids
-        self.first_output_time: float | None = None  # perf_counter, seen on the event loop
-        self._owner = owner
-        self._queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
-        self._unstarted = set(range(len(request_ids)))  # no output yet: they count as waiting
-        self._unfinished = set(range(len(request_ids)))
-        self._closed = False
-
-    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(index, output) as the engine produces them, until every request has finished."""
-        while self._unfinished:
-            index, item = await self._queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if item.finished:
-                self._unfinished.discard(index)
-            yield index, item
-
-    def close(self) -> None:
-        """Abort whatever has not finished (the client went away, or an error); idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._owner.num_waiting -= len(self._unstarted)
-        self._unstarted.clear()
-        for index in self._unfinished:
-            self._owner.abort(self.request_ids[index])
-
-    def _receive(self, index: int, item: RequestOutput | Exception) -> None:
-        """Runs on the event loop, scheduled by the engine thread."""
-        if self.first_output_time is None:
-            self.first_output_time = time.perf_counter()
-        if index in self._unstarted:
-            self._unstarted.discard(index)
-            self._owner.num_waiting -= 1
-        self._queue.put_nowait((index, item))
+class RequestFailedError(RuntimeError):
+    """The engine failed on this request (and went on serving the others)."""
 
 
 @dataclass
 class _Tracked:
-    """Engine-thread bookkeeping of one request, for delivery, metrics and the log line."""
+    """Where the engine thread delivers one request's outputs, and its timings."""
 
     group: RequestGroup
     index: int
-    submit_time: float
-    ttft: float | None = None  # seconds from submit (HTTP side) to the first token
-    last_token_time: float = 0.0
-    num_tokens: int = 0
+    times: RequestTimes
 
 
 @dataclass(frozen=True)
@@ -119,8 +79,6 @@ class AsyncEngine:
         self.metrics = metrics
         self.max_waiting = max_waiting
         self.num_waiting = 0  # accepted, no output yet; touched only on the event loop
-        self.num_requests_hit = 0  # requests that found a cached prefix (engine thread)
-        self.num_requests_missed = 0
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()  # submit vs. the loop dying: no command is lost between
@@ -163,7 +121,7 @@ class AsyncEngine:
         group = RequestGroup(self, [f"{request_id}-{i}" for i in range(len(prompts))])
         now = time.perf_counter()
         with self._lock:
-            if self._dead:
+            if not self.is_alive:
                 raise EngineDeadError("the engine loop has stopped")
             for index, (ids, params) in enumerate(prompts):
                 self._inbox.put(_Add(group, index, ids, params, now))
@@ -181,7 +139,7 @@ class AsyncEngine:
         """``call`` for any thread: the future completes on the engine thread."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
-            if self._dead:
+            if not self.is_alive:
                 raise EngineDeadError("the engine loop has stopped")
             self._inbox.put(_Call(fn, future))
         return future
@@ -231,9 +189,10 @@ class AsyncEngine:
             self.engine.add_request(command.prompt_ids, command.params, request_id)
         except Exception as exc:  # validated before queueing, so this is a bug: fail it alone
             log.exception("could not add request %s", request_id)
-            self._send(command.group, command.index, exc)
+            self._send(command.group, command.index, RequestFailedError(repr(exc)))
             return
-        self._tracked[request_id] = _Tracked(command.group, command.index, command.submit_time)
+        self._tracked[request_id] = _Tracked(command.group, command.index,
+                                             RequestTimes(command.submit_time))
 
     def _step(self) -> None:
         try:
@@ -255,34 +214,14 @@ class AsyncEngine:
         tracked = self._tracked.get(out.request_id)
         if tracked is None:
             return
-        self._observe(out, tracked, time.perf_counter())
+        self.metrics.observe(out, tracked.times, time.perf_counter())
         if out.finished:
             del self._tracked[out.request_id]
         self._send(tracked.group, tracked.index, out)
 
     def _send(self, group: RequestGroup, index: int, item: RequestOutput | Exception) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(group._receive, index, item)
-
-    def _observe(self, out: RequestOutput, tracked: _Tracked, now: float) -> None:
-        num_new = len(out.token_ids) - tracked.num_tokens
-        if num_new > 0:
-            is_first = tracked.num_tokens == 0
-            if is_first:
-                tracked.ttft = now - tracked.submit_time
-                self._count_first_token(out, tracked.ttft)
-            self.metrics.new_tokens(num_new, None if is_first else now - tracked.last_token_time)
-            tracked.num_tokens, tracked.last_token_time = len(out.token_ids), now
-        if out.finished:
-            self.metrics.finished(out.finish_reason or "error", now - tracked.submit_time)
-            _log_finished(out, tracked, now)
-
-    def _count_first_token(self, out: RequestOutput, ttft: float) -> None:
-        self.metrics.first_token(len(out.prompt_token_ids), out.num_cached_tokens, ttft)
-        if out.num_cached_tokens:
-            self.num_requests_hit += 1
-        else:
-            self.num_requests_missed += 1
+        self._loop.call_soon_threadsafe(group.receive, index, item)
 
     def _publish_state(self) -> None:
         kv, scheduler = self.engine.kv, self.engine.scheduler
@@ -304,12 +243,6 @@ class AsyncEngine:
                 return
             if isinstance(command, _Add):
                 self._send(command.group, command.index, dead)
-            elif isinstance(command, _Call):
+            elif isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
                 command.future.set_exception(dead)
 
-
-def _log_finished(out: RequestOutput, tracked: _Tracked, now: float) -> None:
-    ttft = "-" if tracked.ttft is None else f"{tracked.ttft * 1000:.0f} ms"
-    log.info("%s: %d prompt tokens (%d cached), %d generated, TTFT %s, total %.0f ms, %s",
-             out.request_id, len(out.prompt_token_ids), out.num_cached_tokens,
-             len(out.token_ids), ttft, (now - tracked.submit_time) * 1000, out.finish_reason)

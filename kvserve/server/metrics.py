@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kvserve.engine.output import RequestOutput
+
+log = logging.getLogger("kvserve.server")
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -10,10 +17,23 @@ _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+@dataclass
+class RequestTimes:
+    """What the engine thread remembers of one request to time its tokens (perf_counter)."""
+
+    submit_time: float  # when the HTTP side queued it
+    ttft: float | None = None
+    last_token_time: float = 0.0
+    num_tokens: int = 0
+
+
 class ServerMetrics:
-    """Written by the engine thread (prometheus_client is thread-safe), read by ``/metrics``."""
+    """Written by the engine thread (prometheus_client is thread-safe), read by ``/metrics``;
+    the request hit counts are read on the engine thread too (``/cache/stats``)."""
 
     def __init__(self) -> None:
+        self.num_requests_hit = 0  # requests that found a cached prefix
+        self.num_requests_missed = 0
         self.registry = r = CollectorRegistry()
         self.requests = Counter("kvserve_requests_finished", "Finished requests by reason",
                                 ["finish_reason"], registry=r)
@@ -40,22 +60,33 @@ class ServerMetrics:
         self.e2e = Histogram("kvserve_e2e_request_latency_seconds", "Submit to finish",
                              buckets=_E2E_BUCKETS, registry=r)
 
-    def first_token(self, num_prompt_tokens: int, num_cached_tokens: int, ttft: float) -> None:
+    def observe(self, out: RequestOutput, times: RequestTimes, now: float) -> None:
+        """Count one output of a request; log a line when it has finished."""
+        num_new = len(out.token_ids) - times.num_tokens
+        if num_new > 0:
+            if times.num_tokens == 0:
+                times.ttft = now - times.submit_time
+                self._first_token(out, times.ttft)
+            else:
+                for _ in range(num_new):
+                    self.itl.observe((now - times.last_token_time) / num_new)
+            self.generation_tokens.inc(num_new)
+            times.num_tokens, times.last_token_time = len(out.token_ids), now
+        if out.finished:
+            self.requests.labels(finish_reason=out.finish_reason).inc()
+            self.e2e.observe(now - times.submit_time)
+            _log_finished(out, times, now)
+
+    def _first_token(self, out: RequestOutput, ttft: float) -> None:
+        num_prompt_tokens = len(out.prompt_token_ids)
         self.prompt_tokens.inc(num_prompt_tokens)
         self.prefix_queried.inc(num_prompt_tokens)
-        self.prefix_hit.inc(num_cached_tokens)
+        self.prefix_hit.inc(out.num_cached_tokens)
         self.ttft.observe(ttft)
-
-    def new_tokens(self, num_tokens: int, since_last: float | None) -> None:
-        """``since_last``: seconds since this request's previous tokens (None: its first)."""
-        self.generation_tokens.inc(num_tokens)
-        if since_last is not None:
-            for _ in range(num_tokens):
-                self.itl.observe(since_last / num_tokens)
-
-    def finished(self, finish_reason: str, e2e: float) -> None:
-        self.requests.labels(finish_reason=finish_reason).inc()
-        self.e2e.observe(e2e)
+        if out.num_cached_tokens:
+            self.num_requests_hit += 1
+        else:
+            self.num_requests_missed += 1
 
     def engine_state(self, num_running: int, num_waiting: int, num_blocks_used: int,
                      usage: float) -> None:
@@ -66,3 +97,10 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _log_finished(out: RequestOutput, times: RequestTimes, now: float) -> None:
+    ttft = "-" if times.ttft is None else f"{times.ttft * 1000:.0f} ms"
+    log.info("%s: %d prompt tokens (%d cached), %d generated, TTFT %s, total %.0f ms, %s",
+             out.request_id, len(out.prompt_token_ids), out.num_cached_tokens,
+             len(out.token_ids), ttft, (now - times.submit_time) * 1000, out.finish_reason)

@@ -153,10 +153,8 @@ def _is_token_ids(value: Any) -> bool:
 
 
 def make_sampling_params(**values: Any) -> SamplingParams:
-    """SamplingParams from the values given (None: the default). Fields this engine does not
-    have yet (``cache_salt``, ``use_prefix_cache`` before prefix caching) are dropped."""
-    known = {f.name for f in dataclasses.fields(SamplingParams)}
-    return SamplingParams(**{k: v for k, v in values.items() if k in known and v is not None})
+    """SamplingParams from the values given; None means the default."""
+    return SamplingParams(**{k: v for k, v in values.items() if v is not None})
 
 
 def with_seed_offset(params: SamplingParams, offset: int) -> SamplingParams:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvserve.engine.output import RequestOutput
-from kvserve.server.async_engine import RequestGroup
 from kvserve.server.protocol import SamplingRequest
+from kvserve.server.request_group import RequestGroup
 from kvserve.server.serving import ServerContext, raise_if_failed, usage
 
 

@@ -11,16 +11,25 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.server import chat, completions
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from kvserve.server.render import Renderer
-from kvserve.server.serving import Context, EventStream, collect
+from kvserve.server.serving import Context, EventStream, ServerContext, collect
 
 router = APIRouter()
 
 
 @router.get("/v1/models")
 async def list_models(ctx: Context) -> dict[str, Any]:
-    return {"object": "list", "data": [{
-        "id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "kvserve",
-        "max_model_len": ctx.max_model_len}]}
+    return {"object": "list", "data": [_model_card(ctx)]}
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, ctx: Context) -> dict[str, Any]:
+    ctx.check_model(model)
+    return _model_card(ctx)
+
+
+def _model_card(ctx: ServerContext) -> dict[str, Any]:
+    return {"id": ctx.model_name, "object": "model", "created": ctx.created,
+            "owned_by": "kvserve", "max_model_len": ctx.max_model_len}
 
 
 @router.post("/v1/completions")

@@ -16,17 +16,19 @@ from starlette.types import Receive, Scope, Send
 from kvserve.engine.output import RequestOutput
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.sampling_params import SamplingParams
-from kvserve.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestGroup
+from kvserve.server.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    QueueFullError,
+    RequestFailedError,
+)
 from kvserve.server.errors import APIError, bad_request, error_body
 from kvserve.server.logprobs import TokenText
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.protocol import with_seed_offset
+from kvserve.server.request_group import RequestGroup
 
 ENGINE_FAILED = "the engine failed while running this request; see the server log"
-
-
-class RequestFailedError(RuntimeError):
-    """The engine finished a request with ``error`` (it failed; the engine went on)."""
 
 
 @dataclass
@@ -107,8 +109,7 @@ async def collect(group: RequestGroup, request: Request) -> list[RequestOutput]:
 
     async def run() -> None:
         async for index, out in group.outputs():
-            if out.finish_reason == "error":
-                raise APIError(500, ENGINE_FAILED)
+            raise_if_failed(out)
             if out.finished:
                 finals[index] = out
 
@@ -122,6 +123,8 @@ async def collect(group: RequestGroup, request: Request) -> list[RequestOutput]:
             work.result()
         except EngineDeadError as exc:
             raise APIError(503, str(exc)) from exc
+        except RequestFailedError as exc:
+            raise APIError(500, str(exc)) from exc
         return [finals[i] for i in range(len(group.request_ids))]
     finally:
         work.cancel()
@@ -151,20 +154,20 @@ class EventStream(StreamingResponse):
     """An SSE response that aborts its requests however it ends: done, error or disconnect."""
 
     def __init__(self, chunks: AsyncIterator[dict[str, Any]], group: RequestGroup) -> None:
-        super().__init__(sse(chunks), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"})
-        self._events = self.body_iterator
+        self._events = sse(chunks)
         self._group = group
+        super().__init__(self._events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._events.aclose()  # type: ignore[attr-defined]
+            await self._events.aclose()
             self._group.close()
 
 
 def raise_if_failed(out: RequestOutput) -> None:
-    """Inside a stream, this becomes an SSE error event (see ``sse``)."""
+    """A request the engine failed becomes a 500, or an SSE error event mid-stream."""
     if out.finish_reason == "error":
         raise RequestFailedError(ENGINE_FAILED)

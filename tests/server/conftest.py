@@ -1,0 +1,100 @@
+"""Real servers on free loopback ports: the default model, float32, CPU, weights loaded once."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvserve.engine.engine import Engine, EngineConfig
+from kvserve.server.app import build_app
+from kvserve.server.serving import ServerContext
+
+SMALL_POOL = 64 << 20  # 91 blocks of 16 tokens: enough here, and quick to allocate
+
+
+@dataclass
+class Server:
+    url: str
+    ctx: ServerContext
+
+    @property
+    def engine(self) -> Engine:
+        return self.ctx.engine.engine
+
+    def on_engine(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread, between steps."""
+        return self.ctx.engine.call_threadsafe(fn).result(timeout=60)
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(f"{self.url}/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in labels.items()):
+                    return sample.value
+        raise KeyError(name)
+
+    def wait_idle(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll /cache/stats until nothing runs or waits; then check the block accounting."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = httpx.get(f"{self.url}/cache/stats", headers=self.auth).json()
+            if stats["num_running"] == stats["num_waiting"] == 0:
+                break
+            assert time.monotonic() < deadline, f"engine still busy: {stats}"
+            time.sleep(0.05)
+        assert self.on_engine(lambda e: (e.check_integrity(), e.has_unfinished()))[1] is False
+        return stats
+
+    @property
+    def auth(self) -> dict[str, str]:
+        key = self.ctx.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+@contextmanager
+def running_server(checkpoint, engine_options: dict[str, Any] | None = None,
+                   **app_options: Any) -> Iterator[Server]:
+    config = EngineConfig(device="cpu", kv_cache_memory=SMALL_POOL, **(engine_options or {}))
+    app = build_app(Engine(config, checkpoint), **app_options)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield Server(f"http://127.0.0.1:{port}", app.state.ctx)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def start_server(checkpoint) -> Callable[..., AbstractContextManager[Server]]:
+    """``with start_server(engine_options, **app_options) as server:`` another server."""
+    return functools.partial(running_server, checkpoint)
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint) -> Iterator[Server]:
+    with running_server(checkpoint) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
