@@ -1,4 +1,5 @@
-# Two commands for a fresh machine:  `make run` (install, then the main job) and `make test`.
+# Two commands for a fresh machine: `make run` (install, then serve the default model on
+# http://127.0.0.1:8000) and `make test` (install, then lint and run the tests).
 PY ?= python3
 # The CPU build of torch. On a GPU machine install the torch build for your CUDA first
 # (see README), then: make install TORCH=
@@ -15,7 +16,7 @@ install-test: install
 	$(PY) -m pip install -q -e ".[test]"
 
 run: install
-	kvserve bench kv
+	kvserve serve --host 127.0.0.1 --port 8000
 
 lint:
 	$(PY) -m ruff check kvserve tests
