@@ -43,6 +43,7 @@ class RequestMetrics:
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
+    cache_lookup_time: float = 0.0  # seconds spent finding the cached prefix
 
     @property
     def ttft(self) -> float | None:
@@ -90,7 +91,7 @@ def make_output(request: Request, prompt: str | None, stream: TextStream, delta:
         num_cached_tokens=request.num_cached_tokens,
         cached_tokens_by_tier=dict(request.cached_tokens_by_tier),
         metrics=RequestMetrics(request.arrival_time, request.first_token_time,
-                               request.finish_time),
+                               request.finish_time, request.cache_lookup_time),
         num_tokens_computed=request.num_tokens_computed,
         kv_bytes_peak=request.num_kv_tokens_peak * kv_bytes_per_token,
         num_preemptions=request.num_preemptions,

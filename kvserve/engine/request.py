@@ -38,6 +38,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, in chain order
     num_committed_blocks: int = 0  # leading blocks registered in the prefix index
     cached_logits: Any = None  # exact repeat: sample the first token from these
+    cache_lookup_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)

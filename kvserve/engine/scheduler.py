@@ -86,7 +86,9 @@ class Scheduler:
             self.waiting = deque(sorted(self.waiting, key=lambda r: -self.kv.num_cached_blocks(r)))
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            start = time.perf_counter()
             hit = self.kv.lookup(request)
+            request.cache_lookup_time += time.perf_counter() - start
             # An exact repeat samples its first token from kept logits: nothing to compute yet.
             num_new = 0 if hit.logits is not None else min(
                 request.num_tokens - hit.num_tokens, budget)

@@ -37,17 +37,15 @@ async def generate(body: GenerateRequest, request: Request, ctx: Context) -> dic
     [out] = await collect(group, request)
     end = time.perf_counter()
     first = group.first_output_time or end
-    # The engine does not time its prefix lookups yet; this picks the figure up once it does.
-    lookup = getattr(out.metrics, "cache_lookup_time", None)
     return {
         "text": out.text,
         "latency_ms": _ms(end - start),
         "tokens_per_sec": len(out.token_ids) / (end - start),
         "cache_enabled": body.use_cache,
-        "prefix_cache_hit": out.num_cached_tokens > 0,
+        "prefix_cache_hit": bool(out.cached_tokens_by_tier),
         "timings": {
             "tokenize_ms": _ms(tokenized - start),
-            "cache_lookup_ms": _ms(lookup or 0.0),
+            "cache_lookup_ms": _ms(out.metrics.cache_lookup_time),
             "ttft_ms": _ms(first - start),
             "decode_ms": _ms(end - first),
             "total_ms": _ms(end - start),
