@@ -77,12 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from kvserve.bench import decode, kv, prefix, throughput
+    from kvserve.bench import compare, decode, kv, prefix, report, serve, sweep, throughput
 
-    for module in (kv, decode, throughput, prefix):
+    for module in (kv, decode, throughput, prefix, serve, compare, sweep, report):
         p = bench.add_parser(module.NAME, help=module.HELP)
         module.add_args(p)
-        add_engine_args(p)
+        if getattr(module, "ENGINE_ARGS", True):  # not for benches of a server already running
+            add_engine_args(p)
         p.set_defaults(run=module.run)
     return parser
 

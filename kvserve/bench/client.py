@@ -158,7 +158,7 @@ async def send(client: httpx.AsyncClient, spec: LoadSpec, model: str,
                 return RequestResult(error=f"HTTP {response.status_code}: {_cut(body)}")
             result = await _read_stream(response, spec.endpoint, start)
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
-        return RequestResult(error=f"{type(exc).__name__}: {exc}")
+        return RequestResult(error=_cut(f"{type(exc).__name__}: {exc}"))
     if result.error is None and result.num_chunks == 0:
         result.error = "the stream carried no text"
     return result

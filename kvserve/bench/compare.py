@@ -49,17 +49,20 @@ class Config:
     request_fields: dict[str, Any] = field(default_factory=dict)
 
 
-CONFIGS = (Config("kv_prefix", "KV + prefix cache", ()),
-           Config("kv", "KV cache only", ("--no-prefix-cache",)),
+CONFIGS = (Config("kv_prefix", "KV + prefix", ()),
+           Config("kv", "KV only", ("--no-prefix-cache",)),
            Config("no_kv", "no KV cache", ("--no-prefix-cache",),
                   {"use_kv_cache": False, "use_prefix_cache": False}))
 BASELINE = "no_kv"
 # (row label, path into a bench-serve result, whether higher is better)
-ROWS = (("avg latency (ms)", "latency_ms.mean", False), ("p50 latency (ms)", "latency_ms.p50", False),
-        ("p95 latency (ms)", "latency_ms.p95", False), ("p99 latency (ms)", "latency_ms.p99", False),
+ROWS = (("avg latency (ms)", "latency_ms.mean", False),
+        ("p50 latency (ms)", "latency_ms.p50", False),
+        ("p95 latency (ms)", "latency_ms.p95", False),
+        ("p99 latency (ms)", "latency_ms.p99", False),
         ("throughput (req/s)", "requests_per_s", True),
         ("output tokens/s", "output_tokens_per_s", True),
-        ("avg TTFT (ms)", "ttft_ms.mean", False), ("p50 TTFT (ms)", "ttft_ms.p50", False),
+        ("avg TTFT (ms)", "ttft_ms.mean", False),
+        ("p50 TTFT (ms)", "ttft_ms.p50", False),
         ("avg decode time (ms)", "decode_ms.mean", False))
 
 
@@ -153,8 +156,7 @@ def our_server(args: argparse.Namespace, flags: tuple[str, ...]) -> Iterator[str
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     console.print(f"[bold]kvserve bench compare[/bold]: {args.num_requests} requests, "
-                  f"concurrency {args.concurrency}, max_tokens {args.max_tokens}, "
-                  f"{len(CONFIGS)} configurations")
+                  f"concurrency {args.concurrency}, max_tokens {args.max_tokens}")
     results: dict[str, dict[str, Any]] = {}
     for flags, group in groupby(CONFIGS, key=lambda c: c.server_flags):
         configs = list(group)
@@ -199,8 +201,8 @@ def speedups(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | 
             for key, r in results.items() if key != BASELINE}
 
 
-def _cell(value: float | None, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:,.2f}{suffix}"
+def _cell(value: float | None, template: str = "{:,.1f}") -> str:
+    return "-" if value is None else template.format(value)
 
 
 def print_table(out: dict[str, Any]) -> None:
@@ -211,14 +213,13 @@ def print_table(out: dict[str, Any]) -> None:
     for c in configs.values():
         t.add_column(c["label"], justify="right")
     for key in out["speedups"]:
-        t.add_column(f"{configs[key]['label']} vs {configs[BASELINE]['label']}", justify="right",
-                     style="bold")
+        t.add_column(f"{configs[key]['label']}\nspeedup", justify="right", style="bold")
     for label, path, _ in ROWS:
         t.add_row(label, *(_cell(lookup(c["result"], path)) for c in configs.values()),
-                  *(_cell(s[path], "x") for s in out["speedups"].values()))
+                  *(_cell(s[path], "{:.2f}x") for s in out["speedups"].values()))
     console.print(t)
-    console.print("Speedups are > 1 where a configuration beats the no-KV-cache baseline: "
-                  "lower latency, or higher throughput.")
+    console.print(f"Speedup: how many times better than '{configs[BASELINE]['label']}' "
+                  "(lower latency, higher throughput).")
 
 
 def plot(out: dict[str, Any], path: str) -> None:

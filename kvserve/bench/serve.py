@@ -80,11 +80,12 @@ def read_prompts(path: str | None) -> list[str]:
 
 def workload(args: argparse.Namespace) -> tuple[str, ...]:
     """One prompt per request: the first --unique-prompts prompts, cycled."""
-    if args.num_requests < 1 or args.concurrency < 1:
-        raise BenchError("--num-requests and --concurrency must be at least 1")
+    unique = 1 if args.unique_prompts is None else args.unique_prompts
+    if min(args.num_requests, args.concurrency, unique) < 1:
+        raise BenchError("--num-requests, --concurrency and --unique-prompts must be at least 1")
+    if args.request_rate <= 0:
+        raise BenchError("--request-rate must be positive (inf: all at once)")
     prompts = read_prompts(args.prompts)[: args.unique_prompts]
-    if not prompts:
-        raise BenchError("--unique-prompts must be at least 1")
     return tuple(islice(cycle(prompts), args.num_requests))
 
 
@@ -98,7 +99,7 @@ def load_spec(args: argparse.Namespace, base_url: str, model: str | None = None,
 
 def measure(spec: LoadSpec, label: str = "requests") -> tuple[dict[str, Any], LoadResult]:
     """Run the load with a progress bar; the result in `bench serve`'s JSON shape."""
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(label, total=len(spec.prompts))
         load = asyncio.run(run_load(spec, lambda _: progress.advance(task)))
     return summarize(spec, load), load
