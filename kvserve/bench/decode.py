@@ -52,8 +52,11 @@ def weight_bytes_per_token(config, dtype: str) -> int:
 def ours(llm, ids: list[int], max_tokens: int, runs: int) -> dict:
     from kvserve.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    llm.generate([ids], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    # Runs repeat one prompt: prefix caching would serve its prefill, so it is off here.
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                            use_prefix_cache=False)
+    llm.generate([ids], SamplingParams(max_tokens=8, temperature=0, use_prefix_cache=False),
+                 use_tqdm=False)
     outs = [llm.generate([ids], params, use_tqdm=False)[0] for _ in range(runs)]
     decode = [(len(o.token_ids) - 1) / (o.metrics.finish_time - o.metrics.first_token_time)
               for o in outs]

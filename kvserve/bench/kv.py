@@ -26,7 +26,9 @@ def measure(llm, prompt_ids: list[int], max_tokens: int, use_kv_cache: bool, run
             warmup: int) -> tuple[dict, list[int]]:
     from kvserve.sampling_params import SamplingParams
 
+    # Each run repeats the same prompt: prefix caching would serve it, so it is off here.
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                            use_prefix_cache=False,
                             use_kv_cache=use_kv_cache)
     for _ in range(warmup):
         llm.generate([prompt_ids], params, use_tqdm=False)

@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> dict:
     llm = LLM(**engine_kwargs(args))
     prompts = random_prompts(args.num_prompts, args.input_len, llm.engine.model_config.vocab_size,
                              args.seed)
-    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    # The two runs send the same prompts: prefix caching would serve the second from the first.
+    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True,
+                            use_prefix_cache=False)
     console.print(f"[bold]kvserve bench throughput[/bold]: {args.num_prompts} prompts x "
                   f"{args.input_len} tokens in, {args.output_len} out, dtype {args.dtype}, "
                   f"device {llm.engine.device}, max_num_seqs {args.max_num_seqs}")
