@@ -67,11 +67,22 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._w_np is not None:
-            y = torch.from_numpy(np.matmul(x.numpy(), self._w_np))
+            y = torch.from_numpy(numpy_matmul(x.numpy(), self._w_np))
             return y if self.bias is None else y + self.bias
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def numpy_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [M, in] @ w [in, out]. For 2-4 rows, one GEMV per row beats OpenBLAS's small-M GEMM
+    (measured 1.6x at M=2): after the first row the weight is still in cache."""
+    if not 1 < x.shape[0] <= 4:
+        return np.matmul(x, w)
+    y = np.empty((x.shape[0], w.shape[1]), dtype=x.dtype)
+    for row, out in zip(x, y):
+        np.matmul(row, w, out=out)
+    return y
 
 
 class RotaryEmbedding:
