@@ -206,15 +206,15 @@ class KVCacheManager:
 
     def commit(self, request: CachedRequest) -> None:
         """Register the request's blocks that became full, so later requests can hit them."""
-        if not self.caches(request):
-            return
         bs = self.block_size
         num_full = request.num_computed_tokens // bs
+        if num_full <= request.num_committed_blocks or not self.caches(request):
+            return  # most decode steps fill no block
         hashes = self._hashes(request, num_full)
         for i in range(request.num_committed_blocks, num_full):
             tokens = tuple(request.token_ids_slice(i * bs, (i + 1) * bs))
             self.pool.cache(request.block_table[i], hashes[i], tokens)
-        request.num_committed_blocks = max(request.num_committed_blocks, num_full)
+        request.num_committed_blocks = num_full
 
     def free(self, request: CachedRequest) -> None:
         # Tails first: the deepest block of a chain is evicted before its parents.
