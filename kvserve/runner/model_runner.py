@@ -25,7 +25,6 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[i, 0]
             layer.self_attn.v_cache = self.kv_cache[i, 1]
-        self._offsets = torch.arange(block_size, device=device)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
@@ -98,13 +97,14 @@ class ModelRunner:
             torch.tensor([n for _, n in batch], device=self.device))
         blocks = self._padded(tables)[owners, positions // self.block_size]
         slot_mapping = blocks * self.block_size + positions % self.block_size
-        meta = AttentionMetadata(slot_mapping=slot_mapping, prefills=tuple(prefills))
+        meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=self.block_size,
+                                 prefills=tuple(prefills))
         if decodes:
             meta.num_decodes = len(decodes)
             lens = [r.num_computed_tokens + 1 for r, _ in decodes]
             max_len = max(lens)
-            meta.decode_slots = self._slots(self._padded([r.block_table for r, _ in decodes]),
-                                            max_len)
+            meta.decode_blocks = self._padded([r.block_table for r, _ in decodes])
+            meta.decode_len = max_len
             if min(lens) != max_len:
                 lens_t = torch.tensor(lens, device=self.device)
                 mask = torch.arange(max_len, device=self.device) < lens_t.unsqueeze(1)
@@ -117,8 +117,7 @@ class ModelRunner:
         num_computed = request.num_computed_tokens
         if num_computed:
             num_ctx = num_computed + num_new
-            table = self._padded([request.block_table])
-            span.context_slots = self._slots(table, num_ctx)[0]
+            span.context_blocks = torch.tensor(request.block_table, device=self.device)
             q_pos = torch.arange(num_computed, num_ctx, device=self.device)
             span.mask = torch.arange(num_ctx, device=self.device) <= q_pos.unsqueeze(1)
         return span
@@ -127,8 +126,3 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         rows = [t + [0] * (width - len(t)) for t in tables]
         return torch.tensor(rows, dtype=torch.long, device=self.device)
-
-    def _slots(self, tables: torch.Tensor, num_ctx: int) -> torch.Tensor:
-        """[rows, blocks] block tables -> [rows, num_ctx] slots of positions 0..num_ctx-1."""
-        slots = tables.unsqueeze(-1) * self.block_size + self._offsets  # [rows, blocks, bs]
-        return slots.flatten(1)[:, :num_ctx]
