@@ -72,7 +72,8 @@ def test_report_from_sample_results(results, tmp_path, kvserve):
     assert "| latency_ms.p95 | 19 | 19 | 4.5 |" in text  # compare: configs side by side, speedup
     assert "| 5 | 1,000 | 1,004 | 504,500 | 502.5 | 46,264,320 |" in text
     assert "| kv_work | 89 | 3,225 |" in text and "speedup 3.25" in text
-    assert "![serve.png](../results/serve.png)" in text
+    assert "![serve.png](serve.png)" in text  # copied beside the report
+    assert (out.parent / "serve.png").read_bytes() == b"\x89PNG"
     assert text.index("sweep-curves.png") > text.index("### sweep.json")
     assert text.index("kv-long.png") > text.index("### kv.json")
     assert text.index("orphan.png") > text.index("### Other plots")
@@ -99,3 +100,18 @@ def test_missing_results_folder(tmp_path, kvserve):
     status, _, err = kvserve("bench", "report", "--results", str(tmp_path / "none"),
                              "--out", str(tmp_path / "B.md"))
     assert status == 2 and "no results folder" in err
+
+
+def test_throughput_vs_concurrency_table_and_plot(tmp_path, kvserve):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for c, tps in ((1, 36.6), (4, 71.7), (16, 175.1)):
+        run = {**SERVE, "concurrency": c, "output_tokens_per_s": tps}
+        (folder / f"serve-c{c}.json").write_text(json.dumps(run))
+    out = tmp_path / "docs" / "B.md"
+    kvserve("bench", "report", "--results", str(folder), "--out", str(out))
+    text = out.read_text()
+    assert "### Throughput vs concurrency (m, 20 requests x 50 tokens)" in text
+    assert "| 1 | 6.5 | 36.6 | 9 | 9 |" in text and "| 16 | 6.5 | 175.1 | 9 | 9 |" in text
+    [png] = out.parent.glob("serve-concurrency*.png")
+    assert png.read_bytes().startswith(b"\x89PNG") and f"]({png.name})" in text
