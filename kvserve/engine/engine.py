@@ -101,7 +101,8 @@ class Engine:
                             self.max_model_len)
         self.kv = build_cache_manager(config, num_blocks, self.block_bytes, checkpoint.fingerprint,
                                       dtype, self.device)
-        self.runner = ModelRunner(model, checkpoint.config, self.kv, dtype, self.device)
+        self.runner = ModelRunner(model, checkpoint.config, self.kv, dtype, self.device,
+                                  num_threads=config.num_threads or os.cpu_count() or 1)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.schedule_policy), self.kv)

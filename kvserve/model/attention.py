@@ -6,15 +6,20 @@ step's slot mapping; a sequence reads its context back block by block through it
 table, so a step touches only the blocks it attends to, never the whole pool.
 
 The tokens of one step are laid out decodes first (one query token per sequence, batched
-into a single padded attention call), then prefill chunks (one call per sequence).
+into a single padded attention call), then prefill chunks (one call per sequence). On a CPU
+the decodes go to a C++ kernel (cpu_kernels.py) that reads the blocks in place instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kvserve.model.cpu_kernels import PagedDecodeKernel
 
 
 @dataclass
@@ -40,6 +45,8 @@ class AttentionMetadata:
     decode_blocks: torch.Tensor | None = None  # [num_decodes, max_blocks] tables, padded with 0
     decode_len: int = 0  # the longest decode context
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, decode_len]; None: no padding
+    decode_lens: torch.Tensor | None = None  # [num_decodes] context length of each decode
+    decode_kernel: PagedDecodeKernel | None = None  # None: the PyTorch path
     prefills: tuple[PrefillSpan, ...] = ()
 
 
@@ -57,7 +64,10 @@ def paged_attention(
     parts = []  # in token order: the decodes, then each prefill chunk
     bs = meta.block_size
     d = meta.num_decodes
-    if d:
+    if d and meta.decode_kernel is not None:
+        parts.append(meta.decode_kernel(q[:d], k_cache, v_cache, meta.decode_blocks,
+                                        meta.decode_lens, bs, scale))
+    elif d:
         assert meta.decode_blocks is not None
         kd = gather(k_cache, meta.decode_blocks, meta.decode_len, bs).transpose(1, 2)
         vd = gather(v_cache, meta.decode_blocks, meta.decode_len, bs).transpose(1, 2)

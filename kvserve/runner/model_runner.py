@@ -9,13 +9,14 @@ from kvserve.engine.request import Request
 from kvserve.engine.scheduler import SchedulerOutput
 from kvserve.model.attention import AttentionMetadata, PrefillSpan
 from kvserve.model.config import ModelConfig
+from kvserve.model.cpu_kernels import paged_decode_kernel
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.runner.sampler import make_generator, sample, top_logprobs
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, kv: KVCacheManager,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, num_threads: int = 1) -> None:
         self.model, self.kv, self.device = model, kv, device
         self.block_size = block_size = kv.block_size
         num_slots = kv.num_blocks * block_size
@@ -25,6 +26,12 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[i, 0]
             layer.self_attn.v_cache = self.kv_cache[i, 1]
+        self.decode_kernel = None
+        if device.type == "cpu":
+            kernel = paged_decode_kernel(num_threads)
+            probe = torch.empty(1, config.num_heads, config.head_dim, dtype=dtype)
+            if kernel is not None and kernel.supports(probe, self.kv_cache[0, 0]):
+                self.decode_kernel = kernel
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
@@ -98,16 +105,16 @@ class ModelRunner:
         blocks = self._padded(tables)[owners, positions // self.block_size]
         slot_mapping = blocks * self.block_size + positions % self.block_size
         meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=self.block_size,
-                                 prefills=tuple(prefills))
+                                 prefills=tuple(prefills), decode_kernel=self.decode_kernel)
         if decodes:
             meta.num_decodes = len(decodes)
             lens = [r.num_computed_tokens + 1 for r, _ in decodes]
             max_len = max(lens)
             meta.decode_blocks = self._padded([r.block_table for r, _ in decodes])
             meta.decode_len = max_len
-            if min(lens) != max_len:
-                lens_t = torch.tensor(lens, device=self.device)
-                mask = torch.arange(max_len, device=self.device) < lens_t.unsqueeze(1)
+            meta.decode_lens = torch.tensor(lens, device=self.device)
+            if min(lens) != max_len and self.decode_kernel is None:
+                mask = torch.arange(max_len, device=self.device) < meta.decode_lens.unsqueeze(1)
                 meta.decode_mask = mask[:, None, None, :]  # [D, 1, 1, max_len]
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         return input_ids, positions, meta

@@ -1,0 +1,125 @@
+"""The C++ CPU kernel of csrc/paged_attention.cpp, compiled on first use and loaded with ctypes.
+
+It needs only a C++ compiler (``$CXX``, default ``g++``); it is built for this machine's CPU
+and cached under ``~/.cache/kvserve/kernels`` (``$KVSERVE_CACHE_DIR``). When there is no
+compiler, or ``KVSERVE_CPU_KERNELS=0``, ``paged_decode_kernel()`` returns None and attention
+uses its PyTorch path, which gives the same results (tests/model/test_cpu_kernels.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("kvserve")
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+# -fassociative-math lets the compiler sum a dot product as a tree of vector adds. The kernel
+# stays deterministic: one compiled order for every sequence, however the batch is made up.
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros",
+         "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+HEAD_DIMS = (64, 128)
+
+
+class PagedDecodeKernel:
+    """Decode attention over the paged cache: one query token per sequence (attention.py)."""
+
+    def __init__(self, lib: ctypes.CDLL, num_threads: int) -> None:
+        self.fn = lib.kvserve_paged_decode
+        c = ctypes
+        self.fn.argtypes = [c.c_int, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p,
+                            c.c_int64, c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int,
+                            c.c_int, c.c_int, c.c_float, c.c_int]
+        self.fn.restype = c.c_int
+        self.num_threads = num_threads
+
+    def supports(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        return (q.device.type == "cpu" and q.dtype in DTYPE_CODES and k_cache.dtype == q.dtype
+                and q.shape[-1] in HEAD_DIMS and k_cache.is_contiguous()
+                and q.stride(2) == 1 and q.stride(1) == q.shape[-1])
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                 scale: float) -> torch.Tensor:
+        """q [seqs, heads, head_dim] (heads contiguous); block_tables [seqs, max_blocks] and
+        context_lens [seqs] int64, contiguous, every length >= 1 -> [seqs, heads, head_dim]."""
+        num_seqs, num_heads, head_dim = q.shape
+        out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype)
+        rc = self.fn(DTYPE_CODES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(),
+                     v_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
+                     context_lens.data_ptr(), out.data_ptr(), num_seqs, num_heads,
+                     k_cache.shape[1], head_dim, block_size, scale, self.num_threads)
+        if rc != 0:
+            raise ValueError(f"paged decode kernel: unsupported shape q={tuple(q.shape)}, "
+                             f"k_cache={tuple(k_cache.shape)}")
+        return out
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        log.warning("kvserve: no C++ compiler (g++ or $CXX) found; CPU attention uses the "
+                    "slower PyTorch path. Install g++ for the paged attention kernel.")
+        return None
+    path = cache_dir() / f"paged_attention-{build_key(compiler)}.so"
+    if not path.exists():
+        try:
+            compile_library(compiler, path)
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            log.warning("kvserve: could not build the CPU attention kernel (%s); using the "
+                        "PyTorch path", detail.strip()[:500])
+            return None
+    return ctypes.CDLL(str(path))
+
+
+def paged_decode_kernel(num_threads: int) -> PagedDecodeKernel | None:
+    lib = load_library()
+    return None if lib is None else PagedDecodeKernel(lib, num_threads)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVSERVE_CACHE_DIR") or Path.home() / ".cache" / "kvserve"
+    return Path(root) / "kernels"
+
+
+def build_key(compiler: str) -> str:
+    """The source, flags, compiler and CPU: -march=native code is only valid on its CPU."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join([compiler, *FLAGS, platform.machine()]).encode())
+    h.update(subprocess.run([compiler, "--version"], capture_output=True).stdout)
+    try:
+        flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith(("flags", "model name"))][:2]
+        h.update("\n".join(flags).encode())
+    except OSError:
+        h.update(platform.processor().encode())
+    return h.hexdigest()[:16]
+
+
+def compile_library(compiler: str, path: Path) -> None:
+    """Build into a temporary file and rename it: concurrent first runs never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True,
+                       capture_output=True, text=True, timeout=300)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,161 @@
+// Decode attention straight from the paged KV cache, on the CPU.
+//
+// One query token per sequence reads its keys and values through its block table: no copy of
+// the context is made, and the cost is the tokens actually attended. Each sequence is one
+// task, and a task's result does not depend on the rest of the batch, so a sequence decodes
+// the same tokens alone or batched. Built and loaded by kvserve/model/cpu_kernels.py.
+
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {  // bfloat16 -> float32: the high half of the bits
+    uint32_t bits = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+inline void store(float* p, float x) { *p = x; }
+inline void store(uint16_t* p, float x) {  // float32 -> bfloat16, round to nearest even
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) { *p = uint16_t((bits >> 16) | 0x40); return; }
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    *p = uint16_t(bits >> 16);
+}
+
+// exp(x) for x <= 0, to about 1 ulp, written so that the compiler vectorizes it:
+// exp(x) = 2^k * exp(r), k = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series.
+inline float exp_nonpositive(float x) {
+    x = x < -87.f ? -87.f : x;
+    const float k = __builtin_rintf(x * 1.44269504f);  // round to nearest
+    const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;  // ln 2 in two parts
+    float p = 1.f / 5040;
+    p = p * r + 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t bits = (int32_t(k) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+constexpr int kMaxHeads = 128;
+
+struct Args {
+    const void* q;        // [num_seqs, num_heads, head_dim], sequences q_stride elements apart
+    const void* k_cache;  // [num_slots, num_kv_heads, head_dim]
+    const void* v_cache;
+    const int64_t* block_tables;  // [num_seqs, table_stride]
+    const int64_t* context_lens;  // [num_seqs]
+    void* out;                    // [num_seqs, num_heads, head_dim]
+    int64_t q_stride, table_stride;
+    int num_seqs, num_heads, num_kv_heads, block_size;
+    float scale;
+};
+
+template <typename T, int D>
+void attend(const Args& a, int seq, std::vector<float>& scores) {
+    const int nh = a.num_heads, nkv = a.num_kv_heads, group = nh / nkv, bs = a.block_size;
+    const int64_t len = a.context_lens[seq], row = int64_t(nkv) * D;  // slot stride
+    const int64_t* table = a.block_tables + seq * a.table_stride;
+    const T* q = static_cast<const T*>(a.q) + seq * a.q_stride;
+    const T* kc = static_cast<const T*>(a.k_cache);
+    const T* vc = static_cast<const T*>(a.v_cache);
+
+    alignas(64) float qf[kMaxHeads][D];
+    for (int h = 0; h < nh; ++h)
+        for (int i = 0; i < D; ++i) qf[h][i] = to_float(q[h * D + i]) * a.scale;
+
+    // Scores q.k of every head and position: [num_heads, len].
+    scores.resize(size_t(nh) * len);
+    float* s = scores.data();
+    for (int64_t t = 0; t < len; ++t) {
+        const T* k = kc + (table[t / bs] * bs + t % bs) * row;
+        for (int h = 0; h < nh; ++h) {
+            const T* kh = k + (h / group) * D;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int i = 0; i < D; ++i) dot += qf[h][i] * to_float(kh[i]);
+            s[h * len + t] = dot;
+        }
+    }
+    float inv_sum[kMaxHeads];
+    for (int h = 0; h < nh; ++h) {  // softmax over the context, normalized at the end
+        float* sh = s + h * len;
+        float m = sh[0];
+        for (int64_t t = 1; t < len; ++t) m = sh[t] > m ? sh[t] : m;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+            sh[t] = exp_nonpositive(sh[t] - m);
+            sum += sh[t];
+        }
+        inv_sum[h] = 1.f / sum;
+    }
+    alignas(64) float acc[kMaxHeads][D] = {};
+    for (int64_t t = 0; t < len; ++t) {
+        const T* v = vc + (table[t / bs] * bs + t % bs) * row;
+        for (int h = 0; h < nh; ++h) {
+            const T* vh = v + (h / group) * D;
+            const float p = s[h * len + t];
+#pragma omp simd
+            for (int i = 0; i < D; ++i) acc[h][i] += p * to_float(vh[i]);
+        }
+    }
+    T* out = static_cast<T*>(a.out) + int64_t(seq) * nh * D;
+    for (int h = 0; h < nh; ++h)
+        for (int i = 0; i < D; ++i) store(out + h * D + i, acc[h][i] * inv_sum[h]);
+}
+
+template <typename T, int D>
+void run(const Args& a, int num_threads) {
+    auto worker = [&](int first) {
+        std::vector<float> scores;
+        for (int seq = first; seq < a.num_seqs; seq += num_threads) attend<T, D>(a, seq, scores);
+    };
+    if (num_threads > a.num_seqs) num_threads = a.num_seqs;
+    if (num_threads <= 1) { worker(0); return; }
+    std::vector<std::thread> threads;
+    for (int i = 1; i < num_threads; ++i) threads.emplace_back(worker, i);
+    worker(0);
+    for (auto& t : threads) t.join();
+}
+
+template <typename T>
+int dispatch(const Args& a, int head_dim, int num_threads) {
+    switch (head_dim) {
+        case 64: run<T, 64>(a, num_threads); return 0;
+        case 128: run<T, 128>(a, num_threads); return 0;
+        default: return -1;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 = float32, 1 = bfloat16. Returns 0, or -1 for a shape this kernel does not cover
+// (the caller then uses the PyTorch path).
+int kvserve_paged_decode(int dtype, const void* q, int64_t q_stride, const void* k_cache,
+                         const void* v_cache, const int64_t* block_tables, int64_t table_stride,
+                         const int64_t* context_lens, void* out, int num_seqs, int num_heads,
+                         int num_kv_heads, int head_dim, int block_size, float scale,
+                         int num_threads) {
+    if (num_heads > kMaxHeads || num_kv_heads < 1 || num_heads % num_kv_heads) return -1;
+    const Args a{q, k_cache, v_cache, block_tables, context_lens, out, q_stride, table_stride,
+                 num_seqs, num_heads, num_kv_heads, block_size, scale};
+    if (dtype == 0) return dispatch<float>(a, head_dim, num_threads);
+    if (dtype == 1) return dispatch<uint16_t>(a, head_dim, num_threads);
+    return -1;
+}
+
+}

@@ -1,0 +1,146 @@
+"""The C++ paged decode kernel against the PyTorch path of paged_attention (no model)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from kvserve.model import cpu_kernels
+from kvserve.model.attention import AttentionMetadata, paged_attention
+
+BLOCK = 16
+
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = cpu_kernels.paged_decode_kernel(num_threads=2)
+    assert k is not None, "g++ is installed, so the kernel must build"
+    return k
+
+
+def make_case(dtype, num_heads, num_kv_heads, head_dim, lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 64
+    cache_shape = (num_blocks * BLOCK, num_kv_heads, head_dim)
+    k_cache = torch.randn(cache_shape, generator=g).to(dtype)
+    v_cache = torch.randn(cache_shape, generator=g).to(dtype)
+    # Every sequence gets its own blocks, scattered over the pool.
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    width = max((n + BLOCK - 1) // BLOCK for n in lens)
+    tables = []
+    for n in lens:
+        need = (n + BLOCK - 1) // BLOCK
+        table, order = order[:need], order[need:]
+        tables.append(table + [0] * (width - need))
+    tables = torch.tensor(tables, dtype=torch.long)
+    # q as the model makes it: a view into [T, q heads + kv heads, head_dim] (rows not packed).
+    qk = torch.randn(len(lens), num_heads + num_kv_heads, head_dim, generator=g).to(dtype)
+    q = qk[:, :num_heads]
+    return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.long)
+
+
+def torch_reference(q, k_cache, v_cache, tables, lens, scale):
+    """paged_attention's PyTorch path (padded SDPA with a mask), decodes only, nothing written:
+    the new token's K/V is already in the cache, so the written slots are copied from it."""
+    num_seqs = q.shape[0]
+    last = lens - 1
+    slots = tables[torch.arange(num_seqs), last // BLOCK] * BLOCK + last % BLOCK
+    mask = torch.arange(int(lens.max())) < lens[:, None]
+    meta = AttentionMetadata(slot_mapping=slots, block_size=BLOCK, num_decodes=num_seqs,
+                             decode_blocks=tables, decode_len=int(lens.max()),
+                             decode_mask=mask[:, None, None, :])
+    return paged_attention(q, k_cache[slots].clone(), v_cache[slots].clone(), k_cache, v_cache,
+                           meta, scale)
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "dtype,num_heads,num_kv_heads,head_dim,tol",
+    [(torch.float32, 9, 3, 64, 1e-5), (torch.float32, 4, 4, 128, 1e-5),
+     (torch.bfloat16, 9, 3, 64, 2e-2), (torch.float32, 8, 1, 64, 1e-5)],
+)
+def test_kernel_matches_torch_path(kernel, dtype, num_heads, num_kv_heads, head_dim, tol):
+    lens = [1, 5, 16, 17, 40, 100, 33]
+    q, kc, vc, tables, lens_t = make_case(dtype, num_heads, num_kv_heads, head_dim, lens)
+    scale = head_dim**-0.5
+    expected = torch_reference(q, kc, vc, tables, lens_t, scale)
+    got = kernel(q, kc, vc, tables, lens_t, BLOCK, scale)
+    assert got.dtype == dtype and got.shape == (len(lens), num_heads, head_dim)
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@needs_compiler
+def test_kernel_result_does_not_depend_on_batch_or_threads(kernel):
+    lens = [7, 70, 31, 128, 2]
+    q, kc, vc, tables, lens_t = make_case(torch.float32, 9, 3, 64, lens, seed=1)
+    scale = 0.125
+    batched = kernel(q, kc, vc, tables, lens_t, BLOCK, scale)
+    one_thread = cpu_kernels.PagedDecodeKernel(cpu_kernels.load_library(), num_threads=1)
+    assert torch.equal(one_thread(q, kc, vc, tables, lens_t, BLOCK, scale), batched)
+    for i in range(len(lens)):
+        alone = kernel(q[i : i + 1], kc, vc, tables[i : i + 1], lens_t[i : i + 1], BLOCK, scale)
+        assert torch.equal(alone[0], batched[i])
+
+
+@needs_compiler
+def test_kernel_reads_only_the_table_blocks(kernel):
+    """Poisoning every block outside the tables changes nothing: the pool is not scanned."""
+    q, kc, vc, tables, lens_t = make_case(torch.float32, 9, 3, 64, [20, 9])
+    before = kernel(q, kc, vc, tables, lens_t, BLOCK, 0.125)
+    used = torch.zeros(kc.shape[0] // BLOCK, dtype=torch.bool)
+    used[tables[0, :2]] = True
+    used[tables[1, :1]] = True
+    for cache in (kc, vc):
+        cache.view(-1, BLOCK, *cache.shape[1:])[~used] = float("nan")
+    assert torch.equal(kernel(q, kc, vc, tables, lens_t, BLOCK, 0.125), before)
+
+
+@needs_compiler
+def test_unsupported_inputs_are_refused(kernel):
+    q = torch.zeros(2, 4, 96)  # head_dim 96 has no compiled variant
+    cache = torch.zeros(32, 2, 96)
+    assert not kernel.supports(q, cache)
+    assert not kernel.supports(torch.zeros(2, 4, 64, dtype=torch.float16),
+                               torch.zeros(32, 2, 64, dtype=torch.float16))
+    assert kernel.supports(torch.zeros(2, 4, 64), torch.zeros(32, 2, 64))
+    with pytest.raises(ValueError, match="unsupported shape"):
+        kernel(q, cache, cache, torch.zeros(2, 2, dtype=torch.long),
+               torch.ones(2, dtype=torch.long), BLOCK, 0.1)
+
+
+def test_switched_off_or_without_compiler_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))
+    cpu_kernels.load_library.cache_clear()
+    try:
+        monkeypatch.setenv("KVSERVE_CPU_KERNELS", "0")
+        assert cpu_kernels.paged_decode_kernel(2) is None
+        cpu_kernels.load_library.cache_clear()
+        monkeypatch.setenv("KVSERVE_CPU_KERNELS", "1")
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        with caplog.at_level(logging.WARNING, logger="kvserve"):
+            assert cpu_kernels.paged_decode_kernel(2) is None
+        assert "no C++ compiler" in caplog.text
+        assert not list(tmp_path.rglob("*.so"))
+    finally:
+        cpu_kernels.load_library.cache_clear()
+
+
+@needs_compiler
+def test_broken_build_warns_and_falls_back(monkeypatch, tmp_path, caplog):
+    bad = tmp_path / "bad.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "SOURCE", bad)
+    cpu_kernels.load_library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="kvserve"):
+            assert cpu_kernels.paged_decode_kernel(2) is None
+        assert "could not build the CPU attention kernel" in caplog.text
+        assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("tmp*"))
+    finally:
+        cpu_kernels.load_library.cache_clear()
