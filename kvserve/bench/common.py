@@ -37,6 +37,21 @@ def environment(args) -> dict:
     }
 
 
+def transformers_model(model_path: str | None, dtype: str):
+    """The same weights through transformers, for a peer run (needs ``kvserve[bench]``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvserve.model.loader import default_model_path
+
+    path = Path(model_path) if model_path else default_model_path()
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    where = path.parent if path.suffix == ".gguf" else path
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs)
+    torch.set_num_threads(os.cpu_count() or 1)  # transformers' own best setting
+    return model.eval()
+
+
 def write_json(path: str | None, result: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

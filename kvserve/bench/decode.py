@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import torch
 from rich.table import Table
 
-from kvserve.bench.common import console, environment, median, write_json
+from kvserve.bench.common import console, environment, median, transformers_model, write_json
 
 NAME = "decode"
 HELP = "single-stream decode tokens/s and TTFT vs transformers and the bandwidth limit"
@@ -64,18 +63,8 @@ def ours(llm, ids: list[int], max_tokens: int, runs: int) -> dict:
 
 
 def transformers_run(model_path, dtype: str, ids: list[int], max_tokens: int, runs: int) -> dict:
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    from kvserve.model.loader import default_model_path
-
-    path = Path(model_path) if model_path else default_model_path()
-    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    where = path.parent if path.suffix == ".gguf" else path
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs)
+    model = transformers_model(model_path, dtype)
     x = torch.tensor([ids])
-    torch.set_num_threads(os.cpu_count() or 1)  # transformers' own best setting
 
     def timed(n: int) -> float:
         start = time.perf_counter()

@@ -114,7 +114,7 @@ def sweep_tables(result: dict[str, Any]) -> list[str]:
 RENDERERS = {
     "kv": lambda r: side_by_side(r, ("kv_cache", "no_cache")),
     "decode": lambda r: side_by_side(r, ("kvserve", "transformers")),
-    "throughput": lambda r: side_by_side(r, ("batched", "sequential")),
+    "throughput": lambda r: side_by_side(r, ("batched", "sequential", "transformers")),
     "prefix": lambda r: side_by_side(r, ("on", "off")),
     "serve": stats_table,
     "compare": compare_table,

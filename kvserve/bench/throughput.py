@@ -20,6 +20,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transformers-batch", type=int, default=16, metavar="N",
+                   help="also run the requests through transformers' generate in static "
+                        "batches of N (0: skip)")
     p.add_argument("--json", default=None, metavar="PATH")
 
 
@@ -51,6 +54,28 @@ def measure(llm, prompts: list[list[int]], params, batched: bool) -> dict:
     }
 
 
+def transformers_run(model_path, dtype: str, prompts: list[list[int]], output_len: int,
+                     batch_size: int) -> dict:
+    """The same requests through transformers' generate, batch_size prompts at a time (the
+    prompts are of equal length, so no padding), greedy, exactly output_len tokens each."""
+    import torch
+
+    from kvserve.bench.common import transformers_model
+
+    model = transformers_model(model_path, dtype)
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    with torch.inference_mode():
+        model.generate(torch.tensor(batches[0][:1]), max_new_tokens=4, do_sample=False)  # warm
+        start = time.perf_counter()
+        for batch in batches:
+            model.generate(torch.tensor(batch), max_new_tokens=output_len,
+                           min_new_tokens=output_len, do_sample=False)
+        elapsed = time.perf_counter() - start
+    num_out, num_in = len(prompts) * output_len, sum(len(p) for p in prompts)
+    return {"batch_size": batch_size, "output_tokens_per_s": num_out / elapsed,
+            "total_tokens_per_s": (num_out + num_in) / elapsed, "elapsed_s": elapsed}
+
+
 def run(args: argparse.Namespace) -> dict:
     from kvserve.cli import engine_kwargs
     from kvserve.engine.llm import LLM
@@ -69,14 +94,27 @@ def run(args: argparse.Namespace) -> dict:
     batched = measure(llm, prompts, params, batched=True)
     with console.status(f"one at a time: {args.num_prompts} requests..."):
         sequential = measure(llm, prompts, params, batched=False)
-    same = batched.pop("token_ids") == sequential.pop("token_ids")
+    pairs = list(zip(batched.pop("token_ids"), sequential.pop("token_ids")))
+    num_same = sum(a == b for a, b in pairs)
     result = {
         "num_prompts": args.num_prompts, "input_len": args.input_len,
         "output_len": args.output_len, "dtype": args.dtype,
         "speedup": batched["output_tokens_per_s"] / sequential["output_tokens_per_s"],
-        "identical_tokens": same, "batched": batched, "sequential": sequential,
-        "env": environment(args),
+        "identical_tokens": num_same == len(pairs), "identical_sequences": num_same,
+        "batched": batched, "sequential": sequential, "transformers": None,
+        "speedup_vs_transformers": None, "env": environment(args),
     }
+    if args.transformers_batch > 0:
+        try:
+            with console.status(f"transformers, static batches of {args.transformers_batch}..."):
+                theirs = transformers_run(args.model, args.dtype, prompts, args.output_len,
+                                          args.transformers_batch)
+            result["transformers"] = theirs
+            result["speedup_vs_transformers"] = (batched["output_tokens_per_s"]
+                                                 / theirs["output_tokens_per_s"])
+        except ImportError:
+            console.print("[yellow]transformers is not installed: skipping its run "
+                          "(pip install 'kvserve[bench]')[/yellow]")
     print_table(result)
     write_json(args.json, result)
     return result
@@ -87,15 +125,25 @@ def print_table(r: dict) -> None:
     t.add_column("metric")
     t.add_column("batched", style="green", justify="right")
     t.add_column("one at a time", style="red", justify="right")
+    h = r["transformers"]
+    if h:
+        t.add_column(f"transformers, batches of {h['batch_size']}", justify="right")
     b, s = r["batched"], r["sequential"]
-    t.add_row("output tokens/s", f"{b['output_tokens_per_s']:.1f}",
-              f"{s['output_tokens_per_s']:.1f}")
-    t.add_row("total tokens/s", f"{b['total_tokens_per_s']:.1f}", f"{s['total_tokens_per_s']:.1f}")
-    t.add_row("elapsed", f"{b['elapsed_s']:.1f} s", f"{s['elapsed_s']:.1f} s")
+    rows = [("output tokens/s", "output_tokens_per_s", "{:.1f}"),
+            ("total tokens/s", "total_tokens_per_s", "{:.1f}"),
+            ("elapsed", "elapsed_s", "{:.1f} s")]
+    for label, key, fmt in rows:
+        peer = [fmt.format(h[key])] if h else []
+        t.add_row(label, fmt.format(b[key]), fmt.format(s[key]), *peer)
     t.add_row("peak KV memory", format_size(b["peak_kv_bytes"]), format_size(s["peak_kv_bytes"]))
     t.add_row("preemptions", str(b["preemptions"]), str(s["preemptions"]))
     console.print(t)
-    same = "identical" if r["identical_tokens"] else "DIFFERENT"
+    same = ("identical" if r["identical_tokens"] else
+            f"identical for {r['identical_sequences']} of {r['num_prompts']} requests")
     console.print(f"Batched is [bold]{r['speedup']:.2f}x[/bold] the output tokens/s of one at a "
                   f"time; greedy tokens {same}. A decode step reads every weight once whatever "
                   f"the batch, so serving many sequences per step multiplies throughput.")
+    if h:
+        console.print(f"Batched is [bold]{r['speedup_vs_transformers']:.2f}x[/bold] the output "
+                      f"tokens/s of transformers' generate in static batches of "
+                      f"{h['batch_size']}.")
