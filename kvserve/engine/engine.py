@@ -18,7 +18,7 @@ from kvserve.cache.tiers import DiskTier, HostTier
 from kvserve.engine.output import RequestOutput, TextStream, make_output
 from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
-from kvserve.model.llama import build_model, uses_numpy_matmul
+from kvserve.model.llama import build_model
 from kvserve.model.loader import Checkpoint, load_checkpoint
 from kvserve.model.tokenizer import IncrementalDecoder
 from kvserve.runner.model_runner import ModelRunner
@@ -81,10 +81,7 @@ class Engine:
         self.device = resolve_device(config.device)
         dtype = DTYPES[config.dtype]
         if self.device.type == "cpu":
-            # float32 matmuls run in numpy's BLAS on its own threads; a second pool of torch
-            # threads spinning beside it slows both far more than it speeds the small ops.
-            one = uses_numpy_matmul(dtype, self.device)
-            torch.set_num_threads(1 if one else config.num_threads or os.cpu_count() or 1)
+            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         checkpoint = checkpoint or load_checkpoint(config.model)
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer

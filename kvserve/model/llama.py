@@ -39,50 +39,40 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 class Linear(nn.Module):
     """``y = x W^T + b``, with W stored as [out, in] like nn.Linear.
 
-    On a CPU, ``prepare_for_cpu()`` picks the fastest matmul we measured for the few rows of
-    a decode step (docs/BENCHMARKS.md): in float32, numpy's BLAS on W kept as [in, out],
-    which streams weights about twice as fast as torch's GEMV (the weight becomes a
-    transposed view of that one copy); in bfloat16, oneDNN on a prepacked weight, about
-    1.4x faster than F.linear (the unpacked weight is dropped).
+    On a CPU, ``prepare_for_cpu()`` sets up the fastest matmuls we measured (docs/BENCHMARKS.md):
+    oneDNN on a prepacked weight for several rows (1.2-2.5x F.linear in float32, more in
+    bfloat16), and in float32 numpy's BLAS GEMV for a single row, which streams the weight
+    about 1.5x faster than oneDNN does. float32 therefore keeps two copies of each weight;
+    bfloat16 keeps only the packed one.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self._w_np: np.ndarray | None = None  # float32 [in, out]
+        self._w_np: np.ndarray | None = None  # float32 [in, out], for one row
         self._packed: torch.Tensor | None = None  # oneDNN layout
 
     def prepare_for_cpu(self) -> None:
         assert self.weight is not None
+        if torch.backends.mkldnn.is_available():
+            try:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16)
+            except RuntimeError:  # a dtype this oneDNN build cannot pack: keep F.linear
+                pass
         if self.weight.dtype == torch.float32:
             self._w_np = self.weight.detach().t().contiguous().numpy()
             self.weight.data = torch.from_numpy(self._w_np).t()
-        elif torch.backends.mkldnn.is_available():
-            try:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
-            except RuntimeError:  # a dtype this oneDNN build cannot pack: keep F.linear
-                return
+        elif self._packed is not None:
             self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._w_np is not None:
-            y = torch.from_numpy(numpy_matmul(x.numpy(), self._w_np))
+        if self._w_np is not None and (x.shape[0] == 1 or self._packed is None):
+            y = torch.from_numpy(np.matmul(x.numpy(), self._w_np))
             return y if self.bias is None else y + self.bias
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
-
-
-def numpy_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x [M, in] @ w [in, out]. For 2-4 rows, one GEMV per row beats OpenBLAS's small-M GEMM
-    (measured 1.6x at M=2): after the first row the weight is still in cache."""
-    if not 1 < x.shape[0] <= 4:
-        return np.matmul(x, w)
-    y = np.empty((x.shape[0], w.shape[1]), dtype=x.dtype)
-    for row, out in zip(x, y):
-        np.matmul(row, w, out=out)
-    return y
 
 
 class RotaryEmbedding:
@@ -220,10 +210,6 @@ def fuse_hf_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> di
                      "post_attention_layernorm.weight"):
             own[me + name] = tensors[hf + name]
     return own
-
-
-def uses_numpy_matmul(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype == torch.float32
 
 
 def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
