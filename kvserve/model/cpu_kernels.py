@@ -1,9 +1,10 @@
-"""The C++ CPU kernel of csrc/paged_attention.cpp, compiled on first use and loaded with ctypes.
+"""The C++ CPU kernels of csrc/ (paged decode attention, fused RMSNorm), compiled on first use
+into one library and loaded with ctypes.
 
 It needs only a C++ compiler (``$CXX``, default ``g++``); it is built for this machine's CPU
 and cached under ``~/.cache/kvserve/kernels`` (``$KVSERVE_CACHE_DIR``). When there is no
-compiler, or ``KVSERVE_CPU_KERNELS=0``, ``paged_decode_kernel()`` returns None and attention
-uses its PyTorch path, which gives the same results (tests/model/test_cpu_kernels.py).
+compiler, or ``KVSERVE_CPU_KERNELS=0``, the kernel getters return None and the model uses its
+PyTorch paths, which give the same results (tests/model/test_cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 
 log = logging.getLogger("kvserve")
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp",
+                                                               "rms_norm.cpp")]
 # -fassociative-math lets the compiler sum a dot product as a tree of vector adds. The kernel
 # stays deterministic: one compiled order for every sequence, however the batch is made up.
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros",
@@ -66,6 +68,33 @@ class PagedDecodeKernel:
         return out
 
 
+class RMSNormKernel:
+    """``(x, residual) -> (norm(x + residual) * weight, x + residual)``, the sum written into
+    ``residual`` in place; without a residual, ``(norm(x) * weight, x)``. Rows [N, dim]."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.fn = lib.kvserve_rms_norm
+        c = ctypes
+        self.fn.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64,
+                            c.c_int64, c.c_float]
+        self.fn.restype = c.c_int
+
+    def supports(self, x: torch.Tensor, residual: torch.Tensor | None,
+                 weight: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype in DTYPE_CODES and weight.dtype == x.dtype
+                and x.is_contiguous() and weight.is_contiguous()
+                and (residual is None or (residual.is_contiguous() and residual.dtype == x.dtype
+                                          and residual.shape == x.shape)))
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty_like(x)
+        dim = x.shape[-1]
+        self.fn(DTYPE_CODES[x.dtype], x.data_ptr(), 0 if residual is None else residual.data_ptr(),
+                weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps)
+        return out, (x if residual is None else residual)
+
+
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
     if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
@@ -92,6 +121,11 @@ def paged_decode_kernel(num_threads: int) -> PagedDecodeKernel | None:
     return None if lib is None else PagedDecodeKernel(lib, num_threads)
 
 
+def rms_norm_kernel() -> RMSNormKernel | None:
+    lib = load_library()
+    return None if lib is None else RMSNormKernel(lib)
+
+
 def cache_dir() -> Path:
     root = os.environ.get("KVSERVE_CACHE_DIR") or Path.home() / ".cache" / "kvserve"
     return Path(root) / "kernels"
@@ -99,7 +133,7 @@ def cache_dir() -> Path:
 
 def build_key(compiler: str) -> str:
     """The source, flags, compiler and CPU: -march=native code is only valid on its CPU."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
     h.update(" ".join([compiler, *FLAGS, platform.machine()]).encode())
     h.update(subprocess.run([compiler, "--version"], capture_output=True).stdout)
     try:
@@ -117,7 +151,7 @@ def compile_library(compiler: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True,
+        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True,
                        capture_output=True, text=True, timeout=300)
         os.replace(tmp, path)
     finally:

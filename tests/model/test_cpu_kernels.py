@@ -135,7 +135,7 @@ def test_broken_build_warns_and_falls_back(monkeypatch, tmp_path, caplog):
     bad = tmp_path / "bad.cpp"
     bad.write_text("this is not C++\n")
     monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "SOURCE", bad)
+    monkeypatch.setattr(cpu_kernels, "SOURCES", [*cpu_kernels.SOURCES, bad])
     cpu_kernels.load_library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="kvserve"):
@@ -144,3 +144,35 @@ def test_broken_build_warns_and_falls_back(monkeypatch, tmp_path, caplog):
         assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("tmp*"))
     finally:
         cpu_kernels.load_library.cache_clear()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_rms_norm_kernel_matches_torch(dtype, tol):
+    kernel = cpu_kernels.rms_norm_kernel()
+    g = torch.Generator().manual_seed(2)
+    x, res, weight = (torch.randn(shape, generator=g).to(dtype) for shape in
+                      [(7, 576), (7, 576), (576,)])
+    out, same = kernel(x, None, weight, 1e-5)
+    assert same is x
+    torch.testing.assert_close(out, torch.rms_norm(x, (576,), weight, 1e-5), atol=tol, rtol=tol)
+
+    expected_sum = x + res
+    expected = torch.rms_norm(expected_sum, (576,), weight, 1e-5)
+    out, new_res = kernel(x, res, weight, 1e-5)
+    assert new_res is res  # the sum is written into the residual stream in place
+    assert torch.equal(res, expected_sum)  # rounded to dtype exactly as torch's add
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    assert torch.equal(kernel(x[3:4].clone(), None, weight, 1e-5)[0][0],
+                       kernel(x, None, weight, 1e-5)[0][3])  # rows do not see the batch
+
+
+@needs_compiler
+def test_rms_norm_kernel_refuses_what_it_cannot_read():
+    kernel = cpu_kernels.rms_norm_kernel()
+    w = torch.ones(8)
+    assert kernel.supports(torch.zeros(2, 8), None, w)
+    assert not kernel.supports(torch.zeros(8, 2).t(), None, w)  # not contiguous
+    assert not kernel.supports(torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.bfloat16), w)
+    assert not kernel.supports(torch.zeros(2, 8, dtype=torch.float16), None,
+                               w.to(torch.float16))
