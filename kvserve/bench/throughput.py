@@ -68,7 +68,8 @@ def transformers_run(model_path, dtype: str, prompts: list[list[int]], output_le
         model.generate(torch.tensor(batches[0][:1]), max_new_tokens=4, do_sample=False)  # warm
         start = time.perf_counter()
         for batch in batches:
-            model.generate(torch.tensor(batch), max_new_tokens=output_len,
+            ids = torch.tensor(batch)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
                            min_new_tokens=output_len, do_sample=False)
         elapsed = time.perf_counter() - start
     num_out, num_in = len(prompts) * output_len, sum(len(p) for p in prompts)
