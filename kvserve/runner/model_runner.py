@@ -10,6 +10,7 @@ from kvserve.engine.scheduler import SchedulerOutput
 from kvserve.model.attention import AttentionMetadata, PrefillSpan
 from kvserve.model.config import ModelConfig
 from kvserve.model.cpu_kernels import paged_decode_kernel
+from kvserve.model.cuda_kernels import flashinfer_decode_kernel
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.runner.sampler import make_generator, sample, top_logprobs
 
@@ -26,12 +27,16 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[i, 0]
             layer.self_attn.v_cache = self.kv_cache[i, 1]
-        self.decode_kernel = None
+        # Decode attention that reads the paged cache in place: our C++ kernel on a CPU,
+        # flashinfer's on CUDA when it is installed; None: the PyTorch path (attention.py).
         if device.type == "cpu":
             kernel = paged_decode_kernel(num_threads)
-            probe = torch.empty(1, config.num_heads, config.head_dim, dtype=dtype)
-            if kernel is not None and kernel.supports(probe, self.kv_cache[0, 0]):
-                self.decode_kernel = kernel
+        else:
+            kernel = flashinfer_decode_kernel(config.num_heads, config.num_kv_heads,
+                                              config.head_dim, dtype, device)
+        probe = torch.empty(1, config.num_heads, config.head_dim, dtype=dtype, device=device)
+        ok = kernel is not None and kernel.supports(probe, self.kv_cache[0, 0])
+        self.decode_kernel = kernel if ok else None
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:

@@ -47,10 +47,10 @@ def make_case(dtype, num_heads, num_kv_heads, head_dim, lens, seed=0):
 def torch_reference(q, k_cache, v_cache, tables, lens, scale):
     """paged_attention's PyTorch path (padded SDPA with a mask), decodes only, nothing written:
     the new token's K/V is already in the cache, so the written slots are copied from it."""
-    num_seqs = q.shape[0]
+    num_seqs, device = q.shape[0], q.device
     last = lens - 1
-    slots = tables[torch.arange(num_seqs), last // BLOCK] * BLOCK + last % BLOCK
-    mask = torch.arange(int(lens.max())) < lens[:, None]
+    slots = tables[torch.arange(num_seqs, device=device), last // BLOCK] * BLOCK + last % BLOCK
+    mask = torch.arange(int(lens.max()), device=device) < lens[:, None]
     meta = AttentionMetadata(slot_mapping=slots, block_size=BLOCK, num_decodes=num_seqs,
                              decode_blocks=tables, decode_len=int(lens.max()),
                              decode_mask=mask[:, None, None, :])
