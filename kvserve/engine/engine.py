@@ -6,12 +6,15 @@ scheduler records what came out. Everything else reads the state those beats lea
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
+import kvserve
 from kvserve.cache.manager import KVCacheManager
 from kvserve.cache.stats import cache_report
 from kvserve.cache.tiers import DiskTier, HostTier
@@ -72,6 +75,16 @@ def build_cache_manager(config: EngineConfig, num_blocks: int, block_bytes: int,
                           fingerprint, block_bytes, host, disk, config.num_exact_repeats)
 
 
+log = logging.getLogger("kvserve")
+
+
+@functools.cache
+def warn_openblas_spin() -> None:
+    log.warning("kvserve: numpy was imported before kvserve, so OpenBLAS threads spin ~0.1 s "
+                "after each call and slow a prompt that follows a decode step (float32 on a "
+                "CPU); import kvserve first, or set OPENBLAS_THREAD_TIMEOUT=12")
+
+
 class Engine:
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
         """``checkpoint``: already loaded weights to use instead of loading ``config.model``."""
@@ -82,6 +95,8 @@ class Engine:
         dtype = DTYPES[config.dtype]
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+            if dtype == torch.float32 and not kvserve.OPENBLAS_SPIN_CAPPED:
+                warn_openblas_spin()
         checkpoint = checkpoint or load_checkpoint(config.model)
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
