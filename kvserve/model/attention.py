@@ -40,6 +40,7 @@ class PrefillSpan:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] slot each new token's K/V is written to
+    positions: torch.Tensor | None = None  # [num_tokens], for kernels that fuse the rope
     block_size: int = 16
     num_decodes: int = 0
     decode_blocks: torch.Tensor | None = None  # [num_decodes, max_blocks] tables, padded with 0
@@ -58,9 +59,11 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    kv_written: bool = False,  # True: k and v are already in their cache slots
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    if not kv_written:
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
     parts = []  # in token order: the decodes, then each prefill chunk
     bs = meta.block_size
     d = meta.num_decodes

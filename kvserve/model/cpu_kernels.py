@@ -1,5 +1,5 @@
-"""The C++ CPU kernels of csrc/ (paged decode attention, fused RMSNorm), compiled on first use
-into one library and loaded with ctypes.
+"""The C++ CPU kernels of csrc/ (paged decode attention, fused RMSNorm, rope fused with the
+K/V cache write), compiled on first use into one library and loaded with ctypes.
 
 It needs only a C++ compiler (``$CXX``, default ``g++``); it is built for this machine's CPU
 and cached under ``~/.cache/kvserve/kernels`` (``$KVSERVE_CACHE_DIR``). When there is no
@@ -24,8 +24,8 @@ import torch
 
 log = logging.getLogger("kvserve")
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp",
-                                                               "rms_norm.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp")]
 # -fassociative-math lets the compiler sum a dot product as a tree of vector adds. The kernel
 # stays deterministic: one compiled order for every sequence, however the batch is made up.
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros",
@@ -95,6 +95,39 @@ class RMSNormKernel:
         return out, (x if residual is None else residual)
 
 
+class RopeCacheKernel:
+    """The fused qkv projection [T, (heads + 2 kv_heads) * head_dim] -> rotated q [T, heads,
+    head_dim] and k [T, kv_heads, head_dim]; k and v are also written to their cache slots.
+    cos/sin: float32 tables [positions, head_dim]; positions, slots: int64 [T]."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.fn = lib.kvserve_rope_cache
+        c = ctypes
+        self.fn.argtypes = [c.c_int, c.c_void_p, c.c_int64, c.c_int, c.c_int, c.c_int,
+                            c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p,
+                            c.c_void_p, c.c_void_p, c.c_void_p]
+        self.fn.restype = c.c_int
+
+    def supports(self, qkv: torch.Tensor, tables: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        return (qkv.device.type == "cpu" and qkv.dtype in DTYPE_CODES and qkv.is_contiguous()
+                and tables.dtype == torch.float32 and tables.is_contiguous()
+                and k_cache.dtype == qkv.dtype and k_cache.is_contiguous())
+
+    def __call__(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                 cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        tokens = qkv.shape[0]
+        q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype)
+        k = torch.empty(tokens, num_kv_heads, head_dim, dtype=qkv.dtype)
+        rc = self.fn(DTYPE_CODES[qkv.dtype], qkv.data_ptr(), tokens, num_heads, num_kv_heads,
+                     head_dim, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
+                     slots.data_ptr(), q.data_ptr(), k.data_ptr(), k_cache.data_ptr(),
+                     v_cache.data_ptr())
+        if rc != 0:
+            raise ValueError(f"rope kernel: unsupported head_dim {head_dim}")
+        return q, k
+
+
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
     if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
@@ -124,6 +157,11 @@ def paged_decode_kernel(num_threads: int) -> PagedDecodeKernel | None:
 def rms_norm_kernel() -> RMSNormKernel | None:
     lib = load_library()
     return None if lib is None else RMSNormKernel(lib)
+
+
+def rope_cache_kernel() -> RopeCacheKernel | None:
+    lib = load_library()
+    return None if lib is None else RopeCacheKernel(lib)
 
 
 def cache_dir() -> Path:

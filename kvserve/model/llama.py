@@ -17,7 +17,12 @@ from torch import nn
 
 from kvserve.model.attention import AttentionMetadata, paged_attention
 from kvserve.model.config import ModelConfig, RopeScaling
-from kvserve.model.cpu_kernels import RMSNormKernel, rms_norm_kernel
+from kvserve.model.cpu_kernels import (
+    RMSNormKernel,
+    RopeCacheKernel,
+    rms_norm_kernel,
+    rope_cache_kernel,
+)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -132,6 +137,8 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5
         self.k_cache = torch.empty(0)  # [num_slots, num_kv_heads, head_dim], set by the runner
         self.v_cache = torch.empty(0)
+        self.rope_kernel: RopeCacheKernel | None = None  # set by build_model on a CPU
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -143,6 +150,23 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
         q, k = apply_rope(qk, *rope).split([nh, nkv], dim=1)  # rotate q and k in one go
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(num_tokens, self.q_size))
+
+    def forward_fused(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+        """The CPU path: one C++ pass rotates q and k and writes k and v to the cache.
+        None when it does not apply (no kernel, q/k norms, no positions in ``meta``)."""
+        if self.rope_kernel is None or self.q_norm is not None or meta.positions is None:
+            return None
+        qkv = self.qkv_proj(x)
+        cos, sin = self.rope_tables
+        if not self.rope_kernel.supports(qkv, cos, self.k_cache):
+            return None
+        num_tokens, nkv = x.shape[0], self.num_kv_heads
+        q, k = self.rope_kernel(qkv, self.num_heads, nkv, self.head_dim, cos, sin,
+                                meta.positions, meta.slot_mapping, self.k_cache, self.v_cache)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, nkv, self.head_dim)
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale,
+                            kv_written=True)
         return self.o_proj(o.reshape(num_tokens, self.q_size))
 
 
@@ -170,7 +194,10 @@ class DecoderLayer(nn.Module):
         """Returns this layer's MLP output and the residual stream before it is added: each
         norm adds the previous output to the stream as it normalizes it."""
         h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, meta), residual)
+        attn = self.self_attn.forward_fused(h, meta)
+        if attn is None:
+            attn = self.self_attn(h, rope, meta)
+        h, residual = self.post_attention_layernorm(attn, residual)
         return self.mlp(h), residual
 
 
@@ -244,10 +271,13 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: to
     model.rope = RotaryEmbedding(config, max_positions, device)
     model.eval().requires_grad_(False)
     if device.type == "cpu":
-        norm_kernel = rms_norm_kernel()
+        norm_kernel, rope_kernel = rms_norm_kernel(), rope_cache_kernel()
         for module in model.modules():
             if isinstance(module, Linear):
                 module.prepare_for_cpu()
             elif isinstance(module, RMSNorm):
                 module.kernel = norm_kernel
+            elif isinstance(module, Attention):
+                module.rope_kernel = rope_kernel
+                module.rope_tables = (model.rope.cos, model.rope.sin)
     return model

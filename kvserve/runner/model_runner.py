@@ -109,7 +109,8 @@ class ModelRunner:
             torch.tensor([n for _, n in batch], device=self.device))
         blocks = self._padded(tables)[owners, positions // self.block_size]
         slot_mapping = blocks * self.block_size + positions % self.block_size
-        meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=self.block_size,
+        meta = AttentionMetadata(slot_mapping=slot_mapping, positions=positions,
+                                 block_size=self.block_size,
                                  prefills=tuple(prefills), decode_kernel=self.decode_kernel)
         if decodes:
             meta.num_decodes = len(decodes)

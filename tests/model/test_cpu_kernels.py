@@ -176,3 +176,32 @@ def test_rms_norm_kernel_refuses_what_it_cannot_read():
     assert not kernel.supports(torch.zeros(2, 8), torch.zeros(2, 8, dtype=torch.bfloat16), w)
     assert not kernel.supports(torch.zeros(2, 8, dtype=torch.float16), None,
                                w.to(torch.float16))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rope_cache_kernel_matches_torch(dtype, tol):
+    """Rotated q and k as apply_rope makes them; k and v land in their slots, nothing else
+    in the cache changes."""
+    from kvserve.model.llama import apply_rope
+
+    kernel = cpu_kernels.rope_cache_kernel()
+    nh, nkv, hd, tokens = 9, 3, 64, 5
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(tokens, (nh + 2 * nkv) * hd, generator=g).to(dtype)
+    angles = torch.rand(100, hd // 2, generator=g) * 6
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    positions = torch.tensor([0, 7, 8, 99, 42])
+    slots = torch.tensor([3, 12, 0, 30, 17])
+    k_cache, v_cache = torch.zeros(32, nkv, hd, dtype=dtype), torch.zeros(32, nkv, hd, dtype=dtype)
+    q, k = kernel(qkv, nh, nkv, hd, cos, sin, positions, slots, k_cache, v_cache)
+
+    qk = qkv[:, : (nh + nkv) * hd].view(tokens, nh + nkv, hd)
+    rotated = apply_rope(qk.float(), cos[positions, None], sin[positions, None])
+    torch.testing.assert_close(q.float(), rotated[:, :nh], atol=tol, rtol=tol)
+    torch.testing.assert_close(k.float(), rotated[:, nh:], atol=tol, rtol=tol)
+    assert torch.equal(k_cache[slots], k)
+    assert torch.equal(v_cache[slots], qkv[:, (nh + nkv) * hd :].view(tokens, nkv, hd))
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
