@@ -26,6 +26,7 @@ log = logging.getLogger("kvserve")
 
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp")]
+HEADERS = [Path(__file__).parent / "csrc" / "bf16.h"]
 # -fassociative-math lets the compiler sum a dot product as a tree of vector adds. The kernel
 # stays deterministic: one compiled order for every sequence, however the batch is made up.
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros",
@@ -171,7 +172,7 @@ def cache_dir() -> Path:
 
 def build_key(compiler: str) -> str:
     """The source, flags, compiler and CPU: -march=native code is only valid on its CPU."""
-    h = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    h = hashlib.sha256(b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS]))
     h.update(" ".join([compiler, *FLAGS, platform.machine()]).encode())
     h.update(subprocess.run([compiler, "--version"], capture_output=True).stdout)
     try:

@@ -6,23 +6,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
+
 namespace {
 
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {  // bfloat16 -> float32
-    uint32_t bits = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-inline void store(float* p, float x) { *p = x; }
-inline void store(uint16_t* p, float x) {  // float32 -> bfloat16, round to nearest even
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) { *p = uint16_t((bits >> 16) | 0x40); return; }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    *p = uint16_t(bits >> 16);
-}
+using kvserve::store;
+using kvserve::to_float;
 
 // residual (in/out, may be null): residual = x + residual, then out = norm(residual) * weight.
 // Without residual: out = norm(x) * weight. The sum is rounded to T before it is normalized,
