@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -50,6 +51,17 @@ def transformers_model(model_path: str | None, dtype: str):
     model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs)
     torch.set_num_threads(os.cpu_count() or 1)  # transformers' own best setting
     return model.eval()
+
+
+def run_transformers_peer(label: str, run: Callable[[], dict]) -> dict | None:
+    """The transformers side of a benchmark, or None (with the install hint) without it."""
+    try:
+        with console.status(f"{label}..."):
+            return run()
+    except ImportError:
+        console.print("[yellow]transformers is not installed: skipping its run "
+                      "(pip install 'kvserve[bench]')[/yellow]")
+        return None
 
 
 def write_json(path: str | None, result: dict) -> None:

@@ -10,7 +10,14 @@ import time
 import torch
 from rich.table import Table
 
-from kvserve.bench.common import console, environment, median, transformers_model, write_json
+from kvserve.bench.common import (
+    console,
+    environment,
+    median,
+    run_transformers_peer,
+    transformers_model,
+    write_json,
+)
 
 NAME = "decode"
 HELP = "single-stream decode tokens/s and TTFT vs transformers and the bandwidth limit"
@@ -99,15 +106,12 @@ def run(args: argparse.Namespace) -> dict:
               "load_s": load_s, "kvserve": mine, "transformers": None,
               "speedup_vs_transformers": None, "env": environment(args)}
     if not args.no_transformers:
-        try:
-            with console.status("transformers..."):
-                theirs = transformers_run(args.model, args.dtype, ids, args.max_tokens, args.runs)
+        theirs = run_transformers_peer("transformers", lambda: transformers_run(
+            args.model, args.dtype, ids, args.max_tokens, args.runs))
+        if theirs:
             result["transformers"] = theirs
             result["speedup_vs_transformers"] = (mine["decode_tokens_per_s"]
                                                  / theirs["decode_tokens_per_s"])
-        except ImportError:
-            console.print("[yellow]transformers is not installed: skipping its run "
-                          "(pip install 'kvserve[test]')[/yellow]")
     print_table(result)
     write_json(args.json, result)
     return result

@@ -8,7 +8,7 @@ import time
 
 from rich.table import Table
 
-from kvserve.bench.common import console, environment, write_json
+from kvserve.bench.common import console, environment, run_transformers_peer, write_json
 from kvserve.units import format_size
 
 NAME = "throughput"
@@ -106,16 +106,14 @@ def run(args: argparse.Namespace) -> dict:
         "speedup_vs_transformers": None, "env": environment(args),
     }
     if args.transformers_batch > 0:
-        try:
-            with console.status(f"transformers, static batches of {args.transformers_batch}..."):
-                theirs = transformers_run(args.model, args.dtype, prompts, args.output_len,
-                                          args.transformers_batch)
+        theirs = run_transformers_peer(
+            f"transformers, static batches of {args.transformers_batch}",
+            lambda: transformers_run(args.model, args.dtype, prompts, args.output_len,
+                                     args.transformers_batch))
+        if theirs:
             result["transformers"] = theirs
             result["speedup_vs_transformers"] = (batched["output_tokens_per_s"]
                                                  / theirs["output_tokens_per_s"])
-        except ImportError:
-            console.print("[yellow]transformers is not installed: skipping its run "
-                          "(pip install 'kvserve[bench]')[/yellow]")
     print_table(result)
     write_json(args.json, result)
     return result

@@ -27,6 +27,8 @@ from kvserve.model.tokenizer import IncrementalDecoder
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
 
+log = logging.getLogger("kvserve")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,9 +77,6 @@ def build_cache_manager(config: EngineConfig, num_blocks: int, block_bytes: int,
                           fingerprint, block_bytes, host, disk, config.num_exact_repeats)
 
 
-log = logging.getLogger("kvserve")
-
-
 @functools.cache
 def warn_openblas_spin() -> None:
     log.warning("kvserve: numpy was imported before kvserve, so OpenBLAS threads spin ~0.1 s "
@@ -93,8 +92,9 @@ class Engine:
         self.config = config
         self.device = resolve_device(config.device)
         dtype = DTYPES[config.dtype]
+        num_threads = config.num_threads or os.cpu_count() or 1
         if self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+            torch.set_num_threads(num_threads)
             if dtype == torch.float32 and not kvserve.OPENBLAS_SPIN_CAPPED:
                 warn_openblas_spin()
         checkpoint = checkpoint or load_checkpoint(config.model)
@@ -114,7 +114,7 @@ class Engine:
         self.kv = build_cache_manager(config, num_blocks, self.block_bytes, checkpoint.fingerprint,
                                       dtype, self.device)
         self.runner = ModelRunner(model, checkpoint.config, self.kv, dtype, self.device,
-                                  num_threads=config.num_threads or os.cpu_count() or 1)
+                                  num_threads)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.schedule_policy), self.kv)

@@ -144,29 +144,21 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         num_tokens, nh, nkv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x)  # [T, (nh + 2 * nkv) * hd]
-        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, nh + nkv, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, nkv, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
-        q, k = apply_rope(qk, *rope).split([nh, nkv], dim=1)  # rotate q and k in one go
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(num_tokens, self.q_size))
-
-    def forward_fused(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
-        """The CPU path: one C++ pass rotates q and k and writes k and v to the cache.
-        None when it does not apply (no kernel, q/k norms, no positions in ``meta``)."""
-        if self.rope_kernel is None or self.q_norm is not None or meta.positions is None:
-            return None
-        qkv = self.qkv_proj(x)
         cos, sin = self.rope_tables
-        if not self.rope_kernel.supports(qkv, cos, self.k_cache):
-            return None
-        num_tokens, nkv = x.shape[0], self.num_kv_heads
-        q, k = self.rope_kernel(qkv, self.num_heads, nkv, self.head_dim, cos, sin,
-                                meta.positions, meta.slot_mapping, self.k_cache, self.v_cache)
-        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, nkv, self.head_dim)
+        fused = (self.rope_kernel is not None and self.q_norm is None
+                 and meta.positions is not None
+                 and self.rope_kernel.supports(qkv, cos, self.k_cache))
+        if fused:  # one C++ pass rotates q and k and writes k and v to their cache slots
+            q, k = self.rope_kernel(qkv, nh, nkv, self.head_dim, cos, sin, meta.positions,
+                                    meta.slot_mapping, self.k_cache, self.v_cache)
+        else:
+            qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, nh + nkv, self.head_dim)
+            if self.q_norm is not None and self.k_norm is not None:
+                qk = torch.cat([self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])], dim=1)
+            q, k = apply_rope(qk, *rope).split([nh, nkv], dim=1)  # rotate q and k in one go
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale,
-                            kv_written=True)
+                            kv_written=fused)
         return self.o_proj(o.reshape(num_tokens, self.q_size))
 
 
@@ -194,10 +186,7 @@ class DecoderLayer(nn.Module):
         """Returns this layer's MLP output and the residual stream before it is added: each
         norm adds the previous output to the stream as it normalizes it."""
         h, residual = self.input_layernorm(x, residual)
-        attn = self.self_attn.forward_fused(h, meta)
-        if attn is None:
-            attn = self.self_attn(h, rope, meta)
-        h, residual = self.post_attention_layernorm(attn, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, meta), residual)
         return self.mlp(h), residual
 
 
