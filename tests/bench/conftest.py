@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from threaded_server import serve_in_thread  # tests/, on the path through its conftest
 
 from kvserve.cli import main
 
@@ -115,20 +113,9 @@ def fake_app(server: FakeServer) -> FastAPI:
 @contextmanager
 def running_fake(script: Script) -> Iterator[FakeServer]:
     server = FakeServer("", script)
-    uv = uvicorn.Server(uvicorn.Config(fake_app(server), host="127.0.0.1", port=0,
-                                       log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "fake server did not start"
-        time.sleep(0.01)
-    server.url = f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}"
-    try:
+    with serve_in_thread(fake_app(server), start_timeout_s=30, stop_timeout_s=10) as url:
+        server.url = url
         yield server
-    finally:
-        uv.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -12,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+from threaded_server import serve_in_thread  # tests/, on the path through its conftest
 
 from kvserve.engine.engine import Engine, EngineConfig
 from kvserve.server.app import build_app
@@ -67,19 +66,8 @@ def running_server(checkpoint, engine_options: dict[str, Any] | None = None,
                    **app_options: Any) -> Iterator[Server]:
     config = EngineConfig(device="cpu", kv_cache_memory=SMALL_POOL, **(engine_options or {}))
     app = build_app(Engine(config, checkpoint), **app_options)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield Server(f"http://127.0.0.1:{port}", app.state.ctx)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serve_in_thread(app) as url:
+        yield Server(url, app.state.ctx)
 
 
 @pytest.fixture(scope="session")
