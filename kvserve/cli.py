@@ -1,89 +1,123 @@
-"""`kvserve` command line: parse, call, print."""
+"""kvserve: an LLM inference engine and OpenAI-compatible server built around the KV cache.
+
+Start here:
+  kvserve generate "Why is the sky blue?" --chat     stream an answer from the default model
+  kvserve serve                                      an OpenAI-compatible server on :8000
+  kvserve bench kv                                   the same prompt with and without a KV cache
+  kvserve bench throughput                           continuous batching vs one at a time
+
+Every command takes --help. The default model (SmolLM2-135M-Instruct) ships with the
+install; --model takes a .gguf file or a Hugging Face model directory.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from kvserve.units import parse_size
+from kvserve import __version__
+from kvserve.config import EngineConfig, add_cli_args, int_at_least
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="a .gguf file or a Hugging Face model directory (default: SmolLM2-135M)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--kv-cache-memory", default="1GiB", type=parse_size,
-                   help="memory for KV blocks, e.g. 512MiB")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for bfloat16/float16 (default: all); float32 matmuls "
-                        "use numpy's BLAS threads (OPENBLAS_NUM_THREADS)")
-    p.add_argument("--no-prefix-cache", action="store_true",
-                   help="do not reuse KV blocks across requests")
-    p.add_argument("--kv-host-memory", type=parse_size, default=None,
-                   help="host-memory tier for evicted blocks (default: 4GiB on a GPU, off on CPU)")
-    p.add_argument("--kv-disk-cache", default=None, metavar="DIR",
-                   help="disk tier for evicted blocks; survives restarts")
-    p.add_argument("--kv-disk-size", type=parse_size, default="10GiB")
-    p.add_argument("--schedule-policy", choices=["fcfs", "lpm"], default="fcfs",
-                   help="lpm: waiting requests with the longest cached prefix first")
+class Parser(argparse.ArgumentParser):
+    """Bad values end with one line naming the option, and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(model=args.model, dtype=args.dtype, device=args.device,
-                kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=args.max_model_len, num_threads=args.threads,
-                enable_prefix_caching=not args.no_prefix_cache,
-                kv_host_memory=args.kv_host_memory, kv_disk_cache=args.kv_disk_cache,
-                kv_disk_size=args.kv_disk_size, schedule_policy=args.schedule_policy)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default shown after its help."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None
+                or isinstance(action.default, bool) or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def port(text: str) -> int:
+    value = int_at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        return int_at_least(1)(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("sampling options")
+    g.add_argument("--max-tokens", type=positive_int, default=64,
+                   help="most new tokens (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 is greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches this "
+                        "(default: 1.0, off)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="sample from the k most likely tokens (default: 0, off)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this fraction of the most likely "
+                        "(default: 0, off)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="kvserve", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kvserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="generate text for one prompt, streamed")
-    gen.add_argument("prompt")
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed",
+                         description="Generate text for one prompt and stream it, then print "
+                                     "the work and memory the KV cache took.",
+                         formatter_class=HelpFormatter)
+    gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--no-kv-cache", action="store_true",
                      help="recompute the whole sequence every step (the quadratic baseline)")
     add_sampling_args(gen)
-    add_engine_args(gen)
+    add_cli_args(gen)
+    gen.set_defaults(run=cmd_generate)
 
-    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on /v1, /generate and /cache")
-    serve.add_argument("--max-waiting", type=int, default=None,
-                       help="requests waiting for their first token before new ones get 503")
-    serve.add_argument("--served-model-name", default=None,
-                       help="the model name clients send (default: the model's own name)")
-    add_engine_args(serve)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server",
+                           description="Serve the model over HTTP: /v1/completions, "
+                                       "/v1/chat/completions, /generate, /cache/*, /metrics.",
+                           formatter_class=HelpFormatter)
+    g = serve.add_argument_group("server options")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    g.add_argument("--port", type=port, default=8000, help="port to listen on (default: 8000)")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1, /generate and /cache")
+    g.add_argument("--max-waiting", type=positive_int, default=None,
+                   help="requests waiting for their first token before new ones get 503 "
+                        "(default: no limit)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the model's own name)")
+    add_cli_args(serve)
     serve.set_defaults(run=cmd_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bench = sub.add_parser("bench", help="benchmarks that print tables and write JSON",
+                           description="Benchmarks: each prints a table and takes --json PATH.",
+                           formatter_class=HelpFormatter)
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     from kvserve.bench import compare, decode, kv, prefix, report, serve, sweep, throughput
 
     for module in (kv, decode, throughput, prefix, serve, compare, sweep, report):
-        p = bench.add_parser(module.NAME, help=module.HELP)
+        p = benches.add_parser(module.NAME, help=module.HELP, description=module.HELP,
+                               formatter_class=HelpFormatter)
         module.add_args(p)
         if getattr(module, "ENGINE_ARGS", True):  # not for benches of a server already running
-            add_engine_args(p)
+            add_cli_args(p)
         p.set_defaults(run=module.run)
     return parser
 
@@ -92,11 +126,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from kvserve.bench.common import console
     from kvserve.engine.llm import LLM
     from kvserve.sampling_params import SamplingParams
+    from kvserve.units import format_size
 
-    llm = LLM(**engine_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             seed=args.seed, use_kv_cache=not args.no_kv_cache)
+    llm = LLM(config=EngineConfig.from_cli(args))
     prompt = (llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
               if args.chat else args.prompt)
     out = None
@@ -110,27 +145,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
     console.print(
         f"\n[dim]{mode}: {len(out.prompt_token_ids)} prompt tokens, {n} new tokens "
         f"({out.finish_reason}) in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s, "
-        f"TTFT {out.metrics.ttft * 1000:.0f} ms, KV work {out.num_tokens_computed} tokens, "
-        f"peak KV {out.kv_bytes_peak:,} B[/dim]")
+        f"TTFT {out.metrics.ttft * 1000:.0f} ms, KV work {out.work_tokens:,} tokens, "
+        f"peak KV {format_size(out.kv_bytes_peak)}[/dim]")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from kvserve.engine.engine import EngineConfig
     from kvserve.server.app import run_server
 
-    run_server(EngineConfig(**engine_kwargs(args)), args.host, args.port, api_key=args.api_key,
+    run_server(EngineConfig.from_cli(args), args.host, args.port, api_key=args.api_key,
                max_waiting=args.max_waiting, served_model_name=args.served_model_name)
 
 
 def main(argv: list[str] | None = None) -> int:
     from kvserve.model.errors import ModelLoadError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        if args.command == "generate":
-            cmd_generate(args)
-        else:
-            args.run(args)
+        EngineConfig.from_cli(args) if "dtype" in args else None  # bad values: before any load
+    except ValueError as e:
+        parser.exit(2, f"kvserve: error: {e}\n")
+    try:
+        args.run(args)
     except (ModelLoadError, ValueError) as e:
         print(f"kvserve: error: {e}", file=sys.stderr)
         return 2

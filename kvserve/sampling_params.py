@@ -32,6 +32,10 @@ class SamplingParams:
         _check(self.top_k >= -1, "top_k", f"must be -1, 0 (off) or >= 1, got {self.top_k}")
         _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
         _check(all(self.stop), "stop", "stop strings must not be empty")
+        _check(self.cache_salt is None or _is_unicode(self.cache_salt), "cache_salt",
+               "must be valid Unicode text (it has a lone surrogate)")
+        _check(all(map(_is_unicode, self.stop)), "stop",
+               "strings must be valid Unicode text (one has a lone surrogate)")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs",
                f"must be between 0 and 20, got {self.logprobs}")
 
@@ -43,3 +47,11 @@ class SamplingParams:
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ValueError(f"{name} {message}")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

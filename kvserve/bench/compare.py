@@ -35,6 +35,7 @@ from kvserve.bench.serve import (
     raise_if_failed,
     save_figure,
 )
+from kvserve.config import EngineConfig, cli_flags
 
 NAME = "compare"
 HELP = "our server with KV + prefix cache, KV cache only, and no KV cache, side by side"
@@ -72,26 +73,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
                        help=f"measure '{c.label}' on this running server instead of ours "
                             f"(sent the same request fields: {c.request_fields or 'none'})")
     add_workload_args(p)
-    p.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS")
-    p.add_argument("--json", default=None, metavar="PATH")
-    p.add_argument("--plot", default=None, metavar="PATH.png")
+    p.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="seconds to wait for each server to answer /health")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the result to this JSON file")
+    p.add_argument("--plot", default=None, metavar="PATH.png",
+                   help="also draw the result to this PNG file")
 
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
-    """The engine options given on this command line, as `kvserve serve` flags."""
-    from kvserve.cli import add_engine_args
-
-    probe = argparse.ArgumentParser(add_help=False)
-    add_engine_args(probe)
-    defaults = vars(probe.parse_args([]))
-    flags: list[str] = []
-    for action in probe._actions:
-        value = getattr(args, action.dest)
-        if action.dest == "no_prefix_cache" or value == defaults[action.dest]:
-            continue
-        flags += [action.option_strings[0]] if isinstance(value, bool) else [
-            action.option_strings[0], str(value)]
-    return flags
+    """The engine options given on this command line, as `kvserve serve` flags (each
+    configuration sets the prefix cache itself)."""
+    return cli_flags(EngineConfig.from_cli(args), skip=("enable_prefix_caching",))
 
 
 def free_port() -> int:

@@ -25,10 +25,11 @@ PROMPT = "Write a short story about a robot who learns to paint."
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=200, help="new tokens per run")
+    p.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers run")
-    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the result to this JSON file")
 
 
 def copy_bandwidth_gb_s(num_bytes: int = 1 << 28) -> float:
@@ -86,11 +87,11 @@ def transformers_run(model_path, dtype: str, ids: list[int], max_tokens: int, ru
 
 
 def run(args: argparse.Namespace) -> dict:
-    from kvserve.cli import engine_kwargs
+    from kvserve.config import EngineConfig
     from kvserve.engine.llm import LLM
 
     start = time.perf_counter()
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM(config=EngineConfig.from_cli(args))
     load_s = time.perf_counter() - start
     ids = llm.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     console.print(f"[bold]kvserve bench decode[/bold]: dtype {args.dtype}, device "

@@ -15,11 +15,15 @@ DEFAULT_PROMPT = "Explain in simple terms why the sky is blue."
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-tokens", type=int, default=50)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help="the prompt, wrapped in the chat template")
+    p.add_argument("--max-tokens", type=int, default=50,
+                   help="new tokens per run")
+    p.add_argument("--runs", type=int, default=3,
+                   help="timed runs per mode (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per mode first")
-    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the result to this JSON file")
 
 
 def measure(llm, prompt_ids: list[int], max_tokens: int, use_kv_cache: bool, runs: int,
@@ -40,17 +44,17 @@ def measure(llm, prompt_ids: list[int], max_tokens: int, use_kv_cache: bool, run
         "s_per_token": median(totals) / n,
         "tokens_per_s": n / median(totals),
         "ttft_s": median([o.metrics.ttft for o in outs]),
-        "kv_work": outs[0].num_tokens_computed,
+        "kv_work": outs[0].work_tokens,
         "kv_bytes_peak": outs[0].kv_bytes_peak,
     }
     return result, outs[0].token_ids
 
 
 def run(args: argparse.Namespace) -> dict:
-    from kvserve.cli import engine_kwargs
+    from kvserve.config import EngineConfig
     from kvserve.engine.llm import LLM
 
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM(config=EngineConfig.from_cli(args))
     ids = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     console.print(f"[bold]kvserve bench kv[/bold]: model {args.model or 'SmolLM2-135M (default)'}"
                   f", device {llm.engine.device}, dtype {args.dtype}, {len(ids)} prompt tokens, "

@@ -6,6 +6,7 @@ import argparse
 import random
 import statistics
 import time
+from dataclasses import replace
 
 from rich.table import Table
 
@@ -19,13 +20,15 @@ QUESTIONS = ["What is this document about?", "Summarise it in one line.", "Who w
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefixes", type=int, default=4)
-    p.add_argument("--prefix-len", type=int, default=512)
-    p.add_argument("--questions", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="PATH")
-    p.add_argument("--plot", default=None, metavar="PATH.png")
+    p.add_argument("--prefixes", type=int, default=4, help="distinct shared prefixes")
+    p.add_argument("--prefix-len", type=int, default=512, help="tokens per shared prefix")
+    p.add_argument("--questions", type=int, default=8, help="questions asked after each prefix")
+    p.add_argument("--max-tokens", type=int, default=16, help="new tokens per request")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prefixes")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the result to this JSON file")
+    p.add_argument("--plot", default=None, metavar="PATH.png",
+                   help="also draw the result to this PNG file")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -51,16 +54,15 @@ def run_one_by_one(llm, prompts: list[list[int]], params) -> tuple[list, float]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from kvserve.cli import engine_kwargs
+    from kvserve.config import EngineConfig
     from kvserve.engine.llm import LLM
     from kvserve.model.loader import load_checkpoint
     from kvserve.sampling_params import SamplingParams
 
-    kwargs = engine_kwargs(args)
-    checkpoint = load_checkpoint(kwargs.pop("model"))
-    kwargs.pop("enable_prefix_caching")
-    on = LLM(model=checkpoint, enable_prefix_caching=True, **kwargs)
-    off = LLM(model=checkpoint, enable_prefix_caching=False, **kwargs)
+    config = EngineConfig.from_cli(args)
+    checkpoint = load_checkpoint(config.model)
+    on = LLM(checkpoint, config=replace(config, enable_prefix_caching=True))
+    off = LLM(checkpoint, config=replace(config, enable_prefix_caching=False))
     items = workload(on.tokenizer, args)
     prompts = [ids for _, ids in items]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
@@ -72,10 +74,10 @@ def run(args: argparse.Namespace) -> dict:
     on.clear_cache()
     with console.status("prefix caching off..."):
         off_outs, off_total = run_one_by_one(off, prompts, params)
-    computed_before = on.stats()["num_prompt_tokens_computed"]
+    computed_before = on.stats()["prompt_work_tokens"]
     with console.status("prefix caching on..."):
         on_outs, on_total = run_one_by_one(on, prompts, params)
-    computed = on.stats()["num_prompt_tokens_computed"] - computed_before
+    computed = on.stats()["prompt_work_tokens"] - computed_before
     stats = on.cache_stats()
     with console.status("exact repeats..."):
         repeats, _ = run_one_by_one(on, prompts[: args.prefixes], params)

@@ -30,8 +30,10 @@ STATS = ("mean", "p50", "p95", "p99")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", default="results", metavar="DIR")
-    p.add_argument("--out", default="docs/BENCHMARKS.md", metavar="PATH")
+    p.add_argument("--results", default="results", metavar="DIR",
+                   help="folder of the benchmarks' JSON files")
+    p.add_argument("--out", default="docs/BENCHMARKS.md", metavar="PATH",
+                   help="the Markdown report to write")
 
 
 def command_line() -> str | None:

@@ -38,7 +38,7 @@ def json_object(text: str) -> dict[str, Any]:
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """The workload options `bench serve` and `bench compare` share."""
-    p.add_argument("--num-requests", type=int, default=20)
+    p.add_argument("--num-requests", type=int, default=20, help="requests to send in all")
     p.add_argument("--unique-prompts", type=int, default=None,
                    help="how many distinct prompts, cycled to --num-requests (default: all)")
     p.add_argument("--prompts", default=None, metavar="FILE",
@@ -47,7 +47,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at most")
     p.add_argument("--request-rate", type=float, default=math.inf,
                    help="requests/s with Poisson arrivals (default: inf, all at once)")
-    p.add_argument("--max-tokens", type=int, default=50)
+    p.add_argument("--max-tokens", type=int, default=50, help="new tokens per request")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat",
                    help="chat: prompts as user messages; completions: as raw prompts")
     p.add_argument("--extra-body", type=json_object, default={}, metavar="JSON",
@@ -62,7 +62,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="the model name to send (default: the first id of GET /v1/models)")
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     add_workload_args(p)
-    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the result to this JSON file")
     p.add_argument("--plot", default=None, metavar="PATH.png",
                    help="histograms of end-to-end latency and TTFT")
 

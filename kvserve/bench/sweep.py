@@ -29,15 +29,20 @@ MAX_PROMPT_LEN = 10_000
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-new", type=int, default=2000)
+    p.add_argument("--prompt-len", type=int, default=32,
+                   help="prompt tokens of the new-token sweep")
+    p.add_argument("--max-new", type=int, default=2000,
+                   help="the new-token sweep goes up to this many")
     p.add_argument("--measure-points", type=int, nargs="*", default=[8, 16, 32, 64],
                    metavar="N", help="new-token counts timed on the model at --prompt-len, with "
                                      "and without the cache (none: formula only)")
     p.add_argument("--runs", type=int, default=2, help="timed runs per point (the fastest counts)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
-    p.add_argument("--json", default=None, metavar="PATH")
-    p.add_argument("--plot", default=None, metavar="PATH.png")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random prompt tokens")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the result to this JSON file")
+    p.add_argument("--plot", default=None, metavar="PATH.png",
+                   help="also draw the result to this PNG file")
 
 
 def cache_work(prompt_len: int, new_tokens: int) -> int:
@@ -100,7 +105,7 @@ def measure(llm, args: argparse.Namespace) -> dict[str, Any]:
                     progress.advance(task)
                 work = (cache_work if use_kv_cache else no_cache_work)(args.prompt_len, n)
                 rows.append({"new_tokens": n, "kv_cache": use_kv_cache, "steps": n, "work": work,
-                             "measured_work": outs[0].num_tokens_computed,
+                             "measured_work": outs[0].work_tokens,
                              "time_s": min(o.metrics.finish_time - o.metrics.arrival_time
                                            for o in outs)})
     return {"fit": fit(rows), "work_matches_formula": all(r["work"] == r["measured_work"]
@@ -108,14 +113,14 @@ def measure(llm, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from kvserve.cli import engine_kwargs
+    from kvserve.config import EngineConfig
     from kvserve.engine.llm import LLM
     from kvserve.model.loader import load_checkpoint
 
     if args.prompt_len < 1 or args.max_new < 1 or min(args.measure_points, default=1) < 1:
         raise BenchError("--prompt-len, --max-new and --measure-points must be at least 1")
-    kwargs = engine_kwargs(args)
-    checkpoint = load_checkpoint(kwargs.pop("model"))
+    config = EngineConfig.from_cli(args)
+    checkpoint = load_checkpoint(config.model)
     per_token = checkpoint.config.kv_bytes_per_token(args.dtype)
     n_fixed = NEW_TOKENS_FOR_PROMPT_SWEEP
     result: dict[str, Any] = {
@@ -131,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print_formula(result["by_new_tokens"], f"prompt of {args.prompt_len} tokens, n new tokens")
     print_formula(result["by_prompt_len"], f"{n_fixed} new tokens, prompt of P tokens")
     if args.measure_points:
-        llm = LLM(model=checkpoint, **kwargs)
+        llm = LLM(checkpoint, config=config)
         result["measured"] = measure(llm, args)
         print_measured(result["measured"], args.prompt_len)
     write_json(args.json, result)

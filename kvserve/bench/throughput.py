@@ -16,14 +16,16 @@ HELP = "continuous batching vs one request at a time, on random-token prompts"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-prompts", type=int, default=64, help="requests sent at once")
+    p.add_argument("--input-len", type=int, default=128,
+                   help="prompt tokens per request (random ids)")
+    p.add_argument("--output-len", type=int, default=128, help="new tokens per request")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--transformers-batch", type=int, default=16, metavar="N",
                    help="also run the requests through transformers' generate in static "
                         "batches of N (0: skip)")
-    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the result to this JSON file")
 
 
 def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -34,8 +36,8 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[li
 
 def measure(llm, prompts: list[list[int]], params, batched: bool) -> dict:
     engine = llm.engine
-    engine.kv.pool.peak_used = 0
-    preemptions = engine.scheduler.stats.num_preemptions
+    engine.reset_peak_usage()
+    preemptions = engine.stats().scheduler.num_preemptions
     start = time.perf_counter()
     if batched:
         outs = llm.generate(prompts, params, use_tqdm=True)
@@ -48,8 +50,8 @@ def measure(llm, prompts: list[list[int]], params, batched: bool) -> dict:
         "output_tokens_per_s": num_out / elapsed,
         "total_tokens_per_s": (num_out + num_in) / elapsed,
         "elapsed_s": elapsed,
-        "peak_kv_bytes": engine.kv.pool.peak_used * engine.block_bytes,
-        "preemptions": engine.scheduler.stats.num_preemptions - preemptions,
+        "peak_kv_bytes": engine.stats().peak_used_blocks * engine.block_bytes,
+        "preemptions": engine.stats().scheduler.num_preemptions - preemptions,
         "token_ids": [o.token_ids for o in outs],
     }
 
@@ -78,11 +80,11 @@ def transformers_run(model_path, dtype: str, prompts: list[list[int]], output_le
 
 
 def run(args: argparse.Namespace) -> dict:
-    from kvserve.cli import engine_kwargs
+    from kvserve.config import EngineConfig
     from kvserve.engine.llm import LLM
     from kvserve.sampling_params import SamplingParams
 
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM(config=EngineConfig.from_cli(args))
     prompts = random_prompts(args.num_prompts, args.input_len, llm.engine.model_config.vocab_size,
                              args.seed)
     # The two runs send the same prompts: prefix caching would serve the second from the first.

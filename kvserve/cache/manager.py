@@ -1,22 +1,25 @@
 """The scheduler's view of KV memory, through four verbs: lookup, allocate, commit, free.
 
-``lookup`` finds how much of a request's prefix is already cached (device pool, then host
-and disk tiers), ``allocate_slots`` gives it blocks for that hit plus its new tokens,
-``commit`` registers blocks that became full so later requests can reuse them, and ``free``
-gives the blocks back (they stay cached until their memory is needed).
+``lookup`` finds how much of a request's prefix is already cached (device pool, then the
+tiers below it), ``allocate_slots`` gives it blocks for that hit plus its new tokens and
+plans the tier loads, ``commit`` registers blocks that became full (and loaded blocks once
+their K/V are in place) so later requests can reuse them, and ``free`` gives the blocks back
+(they stay cached until their memory is needed). It composes three parts that know nothing
+of each other: the block pool with its prefix index, the tier store, and the exact-repeat
+logits. Plain Python: no torch.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from kvserve.cache.block_pool import BlockPool
+from kvserve.cache.exact import ExactRepeatCache
 from kvserve.cache.hashing import hash_block, root_hash, salt_bytes
 from kvserve.cache.stats import CacheStats
-from kvserve.cache.tiers import DiskTier, Entry, HostTier
+from kvserve.cache.tiers import TierStore
 
 
 class Params(Protocol):
@@ -31,8 +34,6 @@ class CachedRequest(Protocol):
     block_table: list[int]
     block_hashes: list[bytes]
     num_committed_blocks: int
-    num_cached_tokens: int
-    cached_tokens_by_tier: dict[str, int]
     num_output_tokens: int
 
     @property
@@ -40,45 +41,52 @@ class CachedRequest(Protocol):
     def token_ids_slice(self, start: int, end: int) -> list[int]: ...
 
 
+class HitBlock(NamedTuple):
+    block_id: int | None  # a device block, or None: read from ``tier`` into a fresh block
+    block_hash: bytes
+    token_ids: tuple[int, ...]
+    tier: str  # "device", "host" or "disk"
+
+
 @dataclass
 class CacheHit:
-    """A found prefix. ``found[i]`` is block i of the chain: (device block id, or None with a
-    tier payload to load into a fresh block; hash; token ids; payload; tier name)."""
+    """A found prefix: ``blocks[i]`` is block i of the request's chain."""
 
-    num_tokens: int = 0
-    found: list[tuple[int | None, bytes, tuple[int, ...], Any, str]] = field(
-        default_factory=list)
-    logits: Any = None  # exact repeat: the stored last-position logits of this very prompt
+    block_size: int
+    blocks: list[HitBlock] = field(default_factory=list)
+    logits: Any = None  # exact repeat: the kept last-position logits of this very prompt
+    loads: list[tuple[int, Any]] = field(default_factory=list)  # set by allocate_slots
 
-    def tokens_by_tier(self, block_size: int) -> dict[str, int]:
+    @property
+    def num_tokens(self) -> int:
+        return len(self.blocks) * self.block_size
+
+    def tokens_by_tier(self) -> dict[str, int]:
         by_tier: dict[str, int] = {}
-        for *_, tier in self.found:
-            by_tier[tier] = by_tier.get(tier, 0) + block_size
+        for block in self.blocks:
+            by_tier[block.tier] = by_tier.get(block.tier, 0) + self.block_size
         return by_tier
 
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 fingerprint: str = "", block_bytes: int = 0, host: HostTier | None = None,
-                 disk: DiskTier | None = None, num_exact_repeats: int = 64,
-                 hash_fn=hash_block) -> None:
+                 fingerprint: str = "", block_bytes: int = 0, tiers: TierStore | None = None,
+                 num_exact_repeats: int = 64, kv_format: str = "", hash_fn=hash_block) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enabled = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
-        self.root = root_hash(fingerprint, block_size)
+        self.root = root_hash(fingerprint, block_size, kv_format)
         self.block_bytes = block_bytes
-        self.host, self.disk = host, disk
+        self.tiers = tiers or TierStore()
+        self.exact = ExactRepeatCache(num_exact_repeats)
         self.hash_fn = hash_fn
         self.stats = CacheStats()
-        self.exact: OrderedDict[bytes, Any] = OrderedDict()
-        self.num_exact_repeats = num_exact_repeats
-        # Copies for the runner to make before the next forward pass: evicted blocks out to a
-        # tier first, then tier hits into their new blocks.
+        # Evicted blocks for the runner to copy out before the next forward pass overwrites
+        # them: (block id, hash, token ids).
         self.saves: list[tuple[int, bytes, tuple[int, ...]]] = []
-        self.loads: list[tuple[int, Any]] = []
-        if host is not None or disk is not None:
+        if self.tiers.enabled:
             self.pool.on_evict = lambda b, h, t: self.saves.append((b, h, t))
 
     @property
@@ -107,8 +115,9 @@ class KVCacheManager:
 
         The last token is always computed, since its logits give the next token; the
         deliberate exception is an exact repeat of a prompt whose last logits were kept.
+        Nothing is read from a tier here: a request that waits for blocks looks up again.
         """
-        hit = CacheHit()
+        hit = CacheHit(self.block_size)
         if not self.caches(request):
             return hit
         bs, n = self.block_size, request.num_tokens
@@ -116,18 +125,15 @@ class KVCacheManager:
         for i, h in enumerate(hashes):
             tokens = tuple(request.token_ids_slice(i * bs, (i + 1) * bs))
             if (block_id := self.pool.lookup(h, tokens)) is not None:
-                hit.found.append((block_id, h, tokens, None, "device"))
-            elif found := self._tier_get(h, tokens):
-                hit.found.append((None, h, tokens, *found))
+                hit.blocks.append(HitBlock(block_id, h, tokens, "device"))
+            elif tier := self.tiers.find(h, tokens):
+                hit.blocks.append(HitBlock(None, h, tokens, tier))
             else:
                 break
-        logits = None
-        if len(hit.found) == len(hashes) and request.num_output_tokens == 0:
-            logits = self.exact.get(self._exact_key(request))
-        if logits is None:
-            del hit.found[(n - 1) // bs :]
-        hit.logits = logits
-        hit.num_tokens = len(hit.found) * bs
+        if len(hit.blocks) == len(hashes) and request.num_output_tokens == 0:
+            hit.logits = self.exact.get(self._exact_key(request))
+        if hit.logits is None:
+            del hit.blocks[(n - 1) // bs :]
         return hit
 
     def num_cached_blocks(self, request: CachedRequest) -> int:
@@ -141,22 +147,16 @@ class KVCacheManager:
             n += 1
         return n
 
-    def _tier_get(self, h: bytes, tokens: tuple[int, ...]) -> tuple[Any, str] | None:
-        for name, tier in (("host", self.host), ("disk", self.disk)):
-            if tier is not None and (payload := tier.get(h, tokens)) is not None:
-                return payload, name
-        return None
-
     def allocate_slots(self, request: CachedRequest, num_new_tokens: int,
                        hit: CacheHit | None = None) -> bool:
         """Blocks for a hit plus ``num_new_tokens`` more; False (and no change) if full.
 
         ``| computed or hit (has blocks) | new (may need blocks) |``
         """
-        if hit is not None and hit.found:
+        if hit is not None and hit.blocks:
             return self._allocate_with_hit(request, num_new_tokens, hit)
-        needed = self.blocks_for(request.num_computed_tokens + num_new_tokens)
-        missing = needed - len(request.block_table)
+        missing = self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(
+            request.block_table)
         if missing > self.pool.num_free:
             return False
         if missing > 0:
@@ -166,25 +166,46 @@ class KVCacheManager:
         return True
 
     def _allocate_with_hit(self, request: CachedRequest, num_new: int, hit: CacheHit) -> bool:
-        device = [found[0] for found in hit.found if found[0] is not None]
-        reclaimed = sum(1 for b in device if self.pool.ref_counts[b] == 0)
-        num_alloc = self.blocks_for(hit.num_tokens + num_new) - len(device)
-        if num_alloc + reclaimed > self.pool.num_free:
+        if not self._fits(hit, num_new):
             return False
+        payloads = self._read_tier_blocks(hit)  # only now that blocks are sure to be there
+        if not self._fits(hit, num_new):  # the hit got shorter: it may need other blocks
+            return False
+        device = [b.block_id for b in hit.blocks if b.block_id is not None]
         self.pool.touch(device)
-        fresh = iter(self.pool.allocate(num_alloc))
+        fresh = iter(self.pool.allocate(self.blocks_for(hit.num_tokens + num_new) - len(device)))
         table = []
-        for block_id, h, tokens, payload, _ in hit.found:
-            if block_id is None:
+        for block in hit.blocks:
+            block_id = block.block_id
+            if block_id is None:  # indexed by commit() once the runner has copied it in
                 block_id = next(fresh)
-                self.pool.cache(block_id, h, tokens)
-                self.loads.append((block_id, payload))
+                hit.loads.append((block_id, payloads.pop(0)))
             table.append(block_id)
         request.block_table = table + list(fresh)
         request.num_computed_tokens = hit.num_tokens
-        request.num_committed_blocks = len(hit.found)
+        request.num_committed_blocks = next(  # the leading blocks that are indexed already
+            (i for i, b in enumerate(hit.blocks) if b.block_id is None), len(hit.blocks))
         self._count(request, hit)
         return True
+
+    def _fits(self, hit: CacheHit, num_new: int) -> bool:
+        device = [b.block_id for b in hit.blocks if b.block_id is not None]
+        reclaimed = sum(1 for b in device if self.pool.ref_counts[b] == 0)
+        num_alloc = self.blocks_for(hit.num_tokens + num_new) - len(device)
+        return num_alloc + reclaimed <= self.pool.num_free
+
+    def _read_tier_blocks(self, hit: CacheHit) -> list[Any]:
+        """Payloads of the hit's tier blocks; the hit ends before the first unreadable one."""
+        payloads = []
+        for i, block in enumerate(hit.blocks):
+            if block.block_id is not None:
+                continue
+            payload = self.tiers.read(block.block_hash, block.token_ids, block.tier)
+            if payload is None:
+                del hit.blocks[i:]
+                break
+            payloads.append(payload)
+        return payloads
 
     def _count(self, request: CachedRequest, hit: CacheHit) -> None:
         if not self.caches(request):
@@ -192,17 +213,33 @@ class KVCacheManager:
         s = self.stats
         s.num_queries += 1
         s.num_query_tokens += request.num_tokens
-        by_tier = hit.tokens_by_tier(self.block_size)
-        if hit.logits is not None:  # the whole prompt needed no forward pass for token one
-            by_tier["exact_repeat"] = request.num_tokens
+        if hit.logits is not None:
             s.num_exact_repeats += 1
-        request.num_cached_tokens = hit.num_tokens
-        request.cached_tokens_by_tier = by_tier
         if hit.num_tokens or hit.logits is not None:
             s.num_hits += 1
             s.num_hit_tokens += hit.num_tokens
-        for tier, num in by_tier.items():
+        for tier, num in self.tokens_by_tier(request, hit).items():
             s.hit_tokens_by_tier[tier] += num
+
+    def tokens_by_tier(self, request: CachedRequest, hit: CacheHit) -> dict[str, int]:
+        """Where a request's cached tokens came from; an exact repeat covers the whole prompt."""
+        by_tier = hit.tokens_by_tier()
+        if hit.logits is not None:
+            by_tier["exact_repeat"] = request.num_tokens
+        return by_tier
+
+    def drop_blocks(self, request: CachedRequest, first: int, lost_tiers: Iterable[str]) -> None:
+        """A tier load failed: release blocks ``first`` onward, unindexed, to be computed again.
+
+        ``| kept blocks (K/V in place) | first ... (released; recomputed later) |``
+        """
+        self.pool.release(reversed(request.block_table[first:]))
+        del request.block_table[first:]
+        request.num_computed_tokens = min(request.num_computed_tokens, first * self.block_size)
+        request.num_committed_blocks = min(request.num_committed_blocks, first)
+        for tier in lost_tiers:
+            self.stats.hit_tokens_by_tier[tier] -= self.block_size
+            self.stats.num_hit_tokens -= self.block_size
 
     def commit(self, request: CachedRequest) -> None:
         """Register the request's blocks that became full, so later requests can hit them."""
@@ -224,35 +261,27 @@ class KVCacheManager:
 
     def remember_logits(self, request: CachedRequest, logits: Any) -> None:
         """Keep a prompt's last logits so an exact repeat skips its forward pass."""
-        if not self.caches(request) or self.num_exact_repeats == 0:
-            return
-        key = self._exact_key(request)
-        self.exact[key] = logits
-        self.exact.move_to_end(key)
-        while len(self.exact) > self.num_exact_repeats:
-            self.exact.popitem(last=False)
+        if self.caches(request):
+            self.exact.put(self._exact_key(request), logits)
+
+    def wants_logits(self, request: CachedRequest) -> bool:
+        return self.caches(request) and self.exact.capacity > 0
 
     def store_evicted(self, block_hash: bytes, tokens: tuple[int, ...], payload: Any) -> None:
-        """The runner hands back an evicted block's content for the host or disk tier."""
-        entry = Entry(tokens, payload, self.block_bytes)
-        if self.host is not None:
-            self.host.put(block_hash, entry)
-        elif self.disk is not None:
-            self.disk.put(block_hash, entry)
+        """The runner hands back an evicted block's content for the tiers."""
+        self.tiers.store(block_hash, tokens, payload)
 
-    def take_transfers(self):
-        saves, loads = self.saves, self.loads
-        self.saves, self.loads = [], []
-        return saves, loads
+    def take_saves(self) -> list[tuple[int, bytes, tuple[int, ...]]]:
+        saves, self.saves = self.saves, []
+        return saves
 
     def clear(self) -> int:
         """Drop every unreferenced cached block in every tier; returns how many."""
         self.exact.clear()
-        dropped = self.pool.drop_cached()
-        for tier in (self.host, self.disk):
-            if tier is not None:
-                dropped += tier.clear()
-        return dropped
+        return self.pool.drop_cached() + self.tiers.clear()
+
+    def close(self) -> None:
+        self.tiers.close()
 
     def _hashes(self, request: CachedRequest, num_blocks: int) -> list[bytes]:
         """The request's block hashes, extended as far as ``num_blocks`` full blocks."""

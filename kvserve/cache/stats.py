@@ -23,20 +23,14 @@ class CacheStats:
 
 def cache_report(kv: KVCacheManager) -> dict:
     """Aggregate prefix-cache figures, and blocks and bytes per tier."""
-    s, pool = kv.stats, kv.pool
+    s, pool, block_bytes = kv.stats, kv.pool, kv.block_bytes
     num_cached = pool.num_cached
     tiers: dict[str, dict] = {"device": {
         "blocks_total": pool.num_blocks, "blocks_used": pool.num_used,
         "blocks_cached": num_cached, "blocks_free": pool.num_free - num_cached,
-        "bytes": pool.num_blocks * kv.block_bytes,
-        "bytes_used": (pool.num_used + num_cached) * kv.block_bytes}}
-    if kv.host is not None:
-        tiers["host"] = {"blocks_cached": len(kv.host.entries),
-                         "bytes": kv.host.capacity_bytes, "bytes_used": kv.host.num_bytes}
-    if kv.disk is not None:
-        d = kv.disk
-        tiers["disk"] = {"blocks_cached": len(d.files), "bytes": d.capacity_bytes,
-                         "bytes_used": d.num_bytes, "enabled": d.enabled}
+        "bytes": pool.num_blocks * block_bytes,
+        "bytes_used": (pool.num_used + num_cached) * block_bytes}}
+    tiers.update(kv.tiers.report())
     return {
         "enabled": kv.enabled,
         "num_queries": s.num_queries, "num_hits": s.num_hits,

@@ -1,33 +1,22 @@
-"""Where evicted blocks go: a host-memory tier (LRU by bytes) and a disk tier.
+"""The tiers below the device pool: host memory (LRU by bytes), then disk.
 
-A block evicted from the device pool is offered to the host tier; what the host tier
-evicts goes to disk (or straight to disk when there is no host tier). Payloads are opaque
-here (the runner copies tensors in and out); the disk tier turns them into bytes with the
-``encode``/``decode`` pair it is given.
+A block evicted from the device pool is offered to the host tier; what the host tier evicts
+goes to disk (or straight to disk when there is no host tier). Payloads are opaque here: the
+runner copies them out of and into the pool, the disk tier turns them into bytes.
 
-Disk files are named by block hash, live in a folder named by the model fingerprint, and
-carry a header (magic, fingerprint, hash, token ids) and a checksum: a corrupt, truncated
-or foreign file is detected, deleted and treated as a miss. Writes happen behind, on a
-thread; an error (a full disk) disables the tier with a warning, it never fails a request.
+``TierStore`` is what the cache manager talks to: ``find`` answers whether a tier has a
+block (cheap, no read), ``read`` fetches and verifies its payload once blocks are allocated
+for it, ``store`` takes an evicted block.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import queue
-import struct
-import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("kvserve.cache")
-MAGIC = b"KVSVBLK1"
-_HEAD = struct.Struct("<8s16s16sI")  # magic, fingerprint, block hash, number of tokens
+from kvserve.cache.disk_tier import DiskTier
 
 
 @dataclass
@@ -38,18 +27,22 @@ class Entry:
 
 
 class HostTier:
-    def __init__(self, capacity_bytes: int, spill: Callable[[bytes, Entry], None] | None = None):
+    def __init__(self, capacity_bytes: int,
+                 spill: Callable[[bytes, tuple[int, ...], Any], None] | None = None) -> None:
         self.capacity_bytes = capacity_bytes
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()
         self.num_bytes = 0
         self.spill = spill  # where evicted entries go (the disk tier), if anywhere
 
-    def get(self, block_hash: bytes, tokens: tuple[int, ...]) -> Any | None:
+    def contains(self, block_hash: bytes, tokens: tuple[int, ...]) -> bool:
         entry = self.entries.get(block_hash)
-        if entry is None or entry.tokens != tokens:
+        return entry is not None and entry.tokens == tokens
+
+    def get(self, block_hash: bytes, tokens: tuple[int, ...]) -> Any | None:
+        if not self.contains(block_hash, tokens):
             return None
         self.entries.move_to_end(block_hash)
-        return entry.payload
+        return self.entries[block_hash].payload
 
     def put(self, block_hash: bytes, entry: Entry) -> None:
         if entry.num_bytes > self.capacity_bytes or block_hash in self.entries:
@@ -58,7 +51,7 @@ class HostTier:
             old_hash, old = self.entries.popitem(last=False)
             self.num_bytes -= old.num_bytes
             if self.spill is not None:
-                self.spill(old_hash, old)
+                self.spill(old_hash, old.tokens, old.payload)
         self.entries[block_hash] = entry
         self.num_bytes += entry.num_bytes
 
@@ -69,126 +62,55 @@ class HostTier:
         return n
 
 
-class DiskTier:
-    def __init__(self, folder: str | Path, capacity_bytes: int, fingerprint: str,
-                 encode: Callable[[Any], bytes], decode: Callable[[bytes], Any]) -> None:
-        self.folder = Path(folder) / fingerprint
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.capacity_bytes = capacity_bytes
-        self.fingerprint = fingerprint.encode()[:16].ljust(16, b"\0")
-        self.encode, self.decode = encode, decode
-        self.enabled = True
-        self.lock = threading.Lock()
-        self.files: OrderedDict[bytes, int] = OrderedDict()  # hash -> file size, oldest first
-        for path in sorted(self.folder.glob("*.kvb"), key=lambda p: p.stat().st_mtime):
-            try:
-                self.files[bytes.fromhex(path.stem)] = path.stat().st_size
-            except ValueError:
-                continue
-        self.pending: dict[bytes, Entry] = {}
-        self.queue: queue.Queue[bytes | None] = queue.Queue()
-        self.writer = threading.Thread(target=self._write_loop, name="kv-disk-writer", daemon=True)
-        self.writer.start()
+class TierStore:
+    """Host then disk, searched in that order."""
+
+    def __init__(self, host: HostTier | None = None, disk: DiskTier | None = None,
+                 block_bytes: int = 0) -> None:
+        self.host, self.disk = host, disk
+        self.block_bytes = block_bytes
+        if host is not None and disk is not None:
+            host.spill = disk.put
 
     @property
-    def num_bytes(self) -> int:
-        with self.lock:
-            return sum(self.files.values())
+    def enabled(self) -> bool:
+        return self.host is not None or self.disk is not None
 
-    def path(self, block_hash: bytes) -> Path:
-        return self.folder / f"{block_hash.hex()}.kvb"
+    def find(self, block_hash: bytes, tokens: tuple[int, ...]) -> str | None:
+        """The first tier that has this block, without reading it."""
+        if self.host is not None and self.host.contains(block_hash, tokens):
+            return "host"
+        if self.disk is not None and self.disk.contains(block_hash):
+            return "disk"
+        return None
 
-    def put(self, block_hash: bytes, entry: Entry) -> None:
-        """Queue a block to be written behind; returns at once."""
-        with self.lock:
-            if not self.enabled or block_hash in self.files or block_hash in self.pending:
-                return
-            self.pending[block_hash] = entry
-        self.queue.put(block_hash)
+    def read(self, block_hash: bytes, tokens: tuple[int, ...], tier: str) -> Any | None:
+        """The verified payload, or None (unreadable, foreign or gone: a miss)."""
+        source = self.host if tier == "host" else self.disk
+        return None if source is None else source.get(block_hash, tokens)
 
-    def get(self, block_hash: bytes, tokens: tuple[int, ...]) -> Any | None:
-        with self.lock:
-            entry = self.pending.get(block_hash)
-            known = block_hash in self.files
-        if entry is not None:
-            return entry.payload if entry.tokens == tokens else None
-        if not known:
-            return None
-        data = self._read(block_hash)
-        if data is None:
-            self._remove(block_hash)
-            return None
-        file_tokens, payload = data
-        return payload if file_tokens == tokens else None
-
-    def _read(self, block_hash: bytes) -> tuple[tuple[int, ...], Any] | None:
-        try:
-            raw = self.path(block_hash).read_bytes()
-            magic, fingerprint, file_hash, n = _HEAD.unpack_from(raw)
-            body = raw[_HEAD.size : len(raw) - 16]
-            if (magic != MAGIC or fingerprint != self.fingerprint or file_hash != block_hash
-                    or hashlib.blake2b(raw[:-16], digest_size=16).digest() != raw[-16:]):
-                raise ValueError("bad header or checksum")
-            tokens = struct.unpack_from(f"<{n}I", body)
-            return tokens, self.decode(body[4 * n :])
-        except (OSError, ValueError, struct.error) as e:
-            log.warning("kv disk tier: dropping unreadable block file %s (%s)",
-                        self.path(block_hash).name, e)
-            return None
-
-    def _write_loop(self) -> None:
-        while (block_hash := self.queue.get()) is not None:
-            with self.lock:
-                entry = self.pending.get(block_hash)
-            if entry is None:
-                continue
-            try:
-                self._write(block_hash, entry)
-            except Exception as e:  # a full disk, a permission, a bad payload: never the step
-                log.warning("kv disk tier disabled: cannot write %s (%s)", self.folder, e)
-                with self.lock:
-                    self.enabled = False
-            finally:
-                with self.lock:
-                    self.pending.pop(block_hash, None)
-
-    def _write(self, block_hash: bytes, entry: Entry) -> None:
-        n = len(entry.tokens)
-        data = (_HEAD.pack(MAGIC, self.fingerprint, block_hash, n)
-                + struct.pack(f"<{n}I", *entry.tokens) + self.encode(entry.payload))
-        data += hashlib.blake2b(data, digest_size=16).digest()
-        tmp = self.path(block_hash).with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(self.path(block_hash))  # atomic: a reader never sees half a file
-        with self.lock:
-            self.files[block_hash] = len(data)
-            total = sum(self.files.values())
-            while total > self.capacity_bytes and self.files:
-                old, size = self.files.popitem(last=False)
-                self.path(old).unlink(missing_ok=True)
-                total -= size
-
-    def _remove(self, block_hash: bytes) -> None:
-        with self.lock:
-            self.files.pop(block_hash, None)
-        self.path(block_hash).unlink(missing_ok=True)
-
-    def flush(self) -> None:
-        """Wait until every queued write is on disk (tests, shutdown)."""
-        while True:
-            with self.lock:
-                if not self.pending:
-                    return
-            time.sleep(0.005)
+    def store(self, block_hash: bytes, tokens: tuple[int, ...], payload: Any) -> None:
+        if self.host is not None:
+            self.host.put(block_hash, Entry(tokens, payload, self.block_bytes))
+        elif self.disk is not None:
+            self.disk.put(block_hash, tokens, payload)
 
     def clear(self) -> int:
-        with self.lock:
-            hashes = list(self.files)
-            self.files.clear()
-        for h in hashes:
-            self.path(h).unlink(missing_ok=True)
-        return len(hashes)
+        return sum(t.clear() for t in (self.host, self.disk) if t is not None)
 
     def close(self) -> None:
-        self.flush()
-        self.queue.put(None)
+        """Flush the disk tier's queued writes and stop its writer."""
+        if self.disk is not None:
+            self.disk.close()
+
+    def report(self) -> dict[str, dict]:
+        tiers: dict[str, dict] = {}
+        if self.host is not None:
+            tiers["host"] = {"blocks_cached": len(self.host.entries),
+                             "bytes": self.host.capacity_bytes, "bytes_used": self.host.num_bytes}
+        if self.disk is not None:
+            d = self.disk
+            tiers["disk"] = {"blocks_cached": len(d.files), "bytes": d.capacity_bytes,
+                             "bytes_used": d.num_bytes, "enabled": d.enabled,
+                             "records_skipped": d.num_skipped}
+        return tiers

@@ -1,54 +1,44 @@
 """The engine: accept requests, and step them all forward together.
 
 ``step()`` is three beats: the scheduler picks the work, the runner computes it, the
-scheduler records what came out. Everything else reads the state those beats leave.
+scheduler applies what came back. The engine then decides which requests are finished (one
+place: ``finish_reason``) and hands out their text. A failure at any beat ends only the
+request that caused it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
 import kvserve
+from kvserve import faults
+from kvserve.cache.disk_tier import DiskTier
 from kvserve.cache.manager import KVCacheManager
 from kvserve.cache.stats import cache_report
-from kvserve.cache.tiers import DiskTier, HostTier
-from kvserve.engine.output import RequestOutput, TextStream, make_output
+from kvserve.cache.tiers import HostTier, TierStore
+from kvserve.config import EngineConfig
+from kvserve.engine.output import RequestOutput, TextStream, finish_reason, make_output
 from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
+from kvserve.engine.stats import EngineStats
+from kvserve.model.config import ModelConfig
 from kvserve.model.llama import build_model
 from kvserve.model.loader import Checkpoint, load_checkpoint
 from kvserve.model.tokenizer import IncrementalDecoder
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
+from kvserve.step import RunnerOutput, SchedulerOutput
 
 log = logging.getLogger("kvserve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str | None = None  # a .gguf file or a Hugging Face directory; None = default model
-    dtype: str = "float32"
-    device: str = "auto"
-    kv_cache_memory: int = 1 << 30  # bytes of K/V blocks
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # defaults to the model's context length
-    num_threads: int | None = None  # CPU threads; default: all cores
-    enable_prefix_caching: bool = True
-    kv_host_memory: int | None = None  # host tier bytes; None: 4 GiB on a GPU, off on a CPU
-    kv_disk_cache: str | None = None  # folder of the disk tier; None: off
-    kv_disk_size: int = 10 << 30
-    num_exact_repeats: int = 64  # prompts whose last logits are kept for exact repeats
-    schedule_policy: str = "fcfs"  # or "lpm" (longest cached prefix first)
+KV_LAYOUT_VERSION = 1  # bump when the order of a block's payload changes
 
 
 def resolve_device(device: str) -> torch.device:
@@ -57,9 +47,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def build_cache_manager(config: EngineConfig, num_blocks: int, block_bytes: int,
-                        fingerprint: str, dtype: torch.dtype,
-                        device: torch.device) -> KVCacheManager:
+def kv_format(config: EngineConfig, model: ModelConfig) -> str:
+    """What a block's payload is: dtype and layout [layers, K/V, tokens, kv_heads, head_dim]."""
+    shape = (model.num_layers, 2, config.block_size, model.num_kv_heads, model.head_dim)
+    return f"{config.dtype};v{KV_LAYOUT_VERSION};{'x'.join(map(str, shape))}"
+
+
+def build_tiers(config: EngineConfig, fingerprint: str, kv_fmt: str, block_bytes: int,
+                dtype: torch.dtype, device: torch.device) -> TierStore:
     host_bytes = config.kv_host_memory
     if host_bytes is None:
         host_bytes = 4 << 30 if device.type == "cuda" else 0
@@ -71,10 +66,10 @@ def build_cache_manager(config: EngineConfig, num_blocks: int, block_bytes: int,
         def encode(payload: torch.Tensor) -> bytes:
             return payload.contiguous().view(torch.uint8).numpy().tobytes()
 
-        disk = DiskTier(config.kv_disk_cache, config.kv_disk_size, fingerprint, encode, decode)
-    host = HostTier(host_bytes, spill=disk.put if disk else None) if host_bytes else None
-    return KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                          fingerprint, block_bytes, host, disk, config.num_exact_repeats)
+        disk = DiskTier(config.kv_disk_cache, config.kv_disk_size, fingerprint, encode, decode,
+                        kv_fmt, block_bytes)
+    host = HostTier(host_bytes) if host_bytes else None
+    return TierStore(host, disk, block_bytes)
 
 
 @functools.cache
@@ -87,8 +82,6 @@ def warn_openblas_spin() -> None:
 class Engine:
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
         """``checkpoint``: already loaded weights to use instead of loading ``config.model``."""
-        if config.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
         self.config = config
         self.device = resolve_device(config.device)
         dtype = DTYPES[config.dtype]
@@ -111,10 +104,14 @@ class Engine:
                              f"({self.block_bytes} B); give it more memory")
         model = build_model(checkpoint.config, checkpoint.tensors, dtype, self.device,
                             self.max_model_len)
-        self.kv = build_cache_manager(config, num_blocks, self.block_bytes, checkpoint.fingerprint,
-                                      dtype, self.device)
-        self.runner = ModelRunner(model, checkpoint.config, self.kv, dtype, self.device,
-                                  num_threads)
+        fmt = kv_format(config, checkpoint.config)
+        tiers = build_tiers(config, checkpoint.fingerprint, fmt, self.block_bytes, dtype,
+                            self.device)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                 checkpoint.fingerprint, self.block_bytes, tiers,
+                                 config.num_exact_repeats, fmt)
+        self.runner = ModelRunner(model, checkpoint.config, num_blocks, config.block_size,
+                                  dtype, self.device, num_threads)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.schedule_policy), self.kv)
@@ -131,11 +128,9 @@ class Engine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_fits(ids, params)
         request = Request(request_id or f"req-{next(self._ids)}", ids, params)
-        if request.request_id in self._streams:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.scheduler.add(request)
         decoder = IncrementalDecoder(self.tokenizer)
         self._streams[request.request_id] = (request, text, TextStream(decoder, params.stop))
-        self.scheduler.add(request)
         return request
 
     def check_fits(self, ids: list[int], params: SamplingParams) -> None:
@@ -144,6 +139,8 @@ class Engine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -160,15 +157,44 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        sampled = self.runner.execute(out)
-        progressed = self.scheduler.update(out, sampled, self.eos_ids)
-        return [self._output(r) for r in progressed]
+        result = self._execute(out)
+        return [self._output(r) for r in self.scheduler.update(out, result)]
+
+    def _execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """The runner keeps failures with their requests; should it still raise, run the
+        step's requests one at a time, so only the one that raises again fails."""
+        try:
+            return self.runner.execute(out)
+        except Exception:
+            if len(out.scheduled) < 2:
+                log.exception("a step failed")
+            else:
+                log.exception("a step of %d requests failed; running them one at a time",
+                              len(out.scheduled))
+        result = RunnerOutput()
+        for i, s in enumerate(out.scheduled):
+            first = i == 0  # the step's block saves and dropped ids go with the first part
+            part = SchedulerOutput([s], out.saves if first else [],
+                                   out.finished_request_ids if first else [])
+            try:
+                result.merge(self.runner.execute(part))
+            except Exception as exc:
+                result.errors[s.request_id] = f"step failed: {exc!r}"
+        return result
 
     def _output(self, request: Request) -> RequestOutput:
+        """Detokenize the new token, decide whether the request is finished, report it."""
         _, prompt, stream = self._streams[request.request_id]
-        token = request.output_token_ids[-1]
-        if stream.add(token, is_last=request.is_finished) and not request.is_finished:
-            self.scheduler.finish(request, "stop")
+        if not request.is_finished:
+            try:
+                faults.check("detokenize", request.request_id)
+                reason = finish_reason(request, stream, self.eos_ids)
+            except Exception as exc:
+                log.exception("detokenizing request %s failed", request.request_id)
+                reason = "error"
+                request.error = f"detokenizing failed: {exc!r}"
+            if reason is not None:
+                self.scheduler.finish(request, reason, request.error)
         delta = stream.take(finished=request.is_finished)
         if request.is_finished:
             del self._streams[request.request_id]
@@ -183,6 +209,20 @@ class Engine:
         return make_output(request, prompt, stream, stream.take(finished=True),
                            self.kv_bytes_per_token)
 
+    def stats(self) -> EngineStats:
+        kv, scheduler = self.kv, self.scheduler
+        pool = kv.pool
+        return EngineStats(
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            num_blocks=pool.num_blocks, num_free_blocks=pool.num_free,
+            num_used_blocks=pool.num_used, num_cached_blocks=pool.num_cached,
+            peak_used_blocks=pool.peak_used, block_size=kv.block_size,
+            block_bytes=self.block_bytes, kv_bytes_per_token=self.kv_bytes_per_token,
+            scheduler=dataclasses.replace(scheduler.stats))
+
+    def reset_peak_usage(self) -> None:
+        self.kv.pool.peak_used = self.kv.pool.num_used
+
     def cache_stats(self) -> dict:
         return cache_report(self.kv)
 
@@ -195,3 +235,7 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity(self.scheduler.running + list(self.scheduler.waiting))
+
+    def close(self) -> None:
+        """Write the disk tier's queued blocks; after this it takes no more (reads still work)."""
+        self.kv.close()

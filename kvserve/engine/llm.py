@@ -3,38 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from typing import Any
 
-from kvserve.engine.engine import Engine, EngineConfig
+from kvserve.config import EngineConfig
+from kvserve.engine.engine import Engine
 from kvserve.engine.output import RequestOutput
 from kvserve.model.loader import Checkpoint
 from kvserve.sampling_params import SamplingParams
-from kvserve.units import parse_size
 
 Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str | Checkpoint | None = None, dtype: str = "float32",
-                 device: str = "auto",
-                 kv_cache_memory: str | int = "1GiB", block_size: int = 16,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, num_threads: int | None = None,
-                 enable_prefix_caching: bool = True, kv_host_memory: str | int | None = None,
-                 kv_disk_cache: str | None = None, kv_disk_size: str | int = "10GiB",
-                 schedule_policy: str = "fcfs") -> None:
+    def __init__(self, model: str | Checkpoint | None = None, *,
+                 config: EngineConfig | None = None, **kwargs: Any) -> None:
         """``model``: a .gguf file, a Hugging Face directory, a loaded Checkpoint, or None for
-        the default SmolLM2-135M-Instruct."""
+        the default SmolLM2-135M-Instruct. The keywords are EngineConfig's fields
+        (``dtype="bfloat16"``, ``kv_cache_memory="512MiB"``, ...); or pass ``config``."""
         checkpoint = model if isinstance(model, Checkpoint) else None
-        self.engine = Engine(EngineConfig(
-            model=None if checkpoint else model, dtype=dtype, device=device,
-            kv_cache_memory=parse_size(kv_cache_memory),
-            block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            num_threads=num_threads, enable_prefix_caching=enable_prefix_caching,
-            kv_host_memory=None if kv_host_memory is None else parse_size(kv_host_memory),
-            kv_disk_cache=kv_disk_cache, kv_disk_size=parse_size(kv_disk_size),
-            schedule_policy=schedule_policy), checkpoint)
+        if config is None:
+            if model is not None and checkpoint is None:
+                kwargs["model"] = model
+            try:
+                config = EngineConfig(**kwargs)
+            except TypeError as exc:
+                names = ", ".join(EngineConfig.__dataclass_fields__)
+                raise TypeError(f"{exc}; LLM takes the keywords {names}") from None
+        elif kwargs:
+            raise TypeError("give either config or keywords, not both")
+        self.engine = Engine(config, checkpoint)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -92,15 +89,7 @@ class LLM:
 
     def stats(self) -> dict:
         """Work counted by the scheduler, and KV pool usage."""
-        kv = self.engine.kv
-        return {
-            **asdict(self.engine.scheduler.stats),
-            "kv_blocks_total": kv.num_blocks,
-            "kv_blocks_free": kv.num_free_blocks,
-            "kv_block_bytes": self.engine.block_bytes,
-            "kv_bytes_per_token": self.engine.kv_bytes_per_token,
-            "kv_usage": kv.usage,
-        }
+        return self.engine.stats().as_dict()
 
     def cache_stats(self) -> dict:
         """Prefix-cache queries, hits and tokens saved, and blocks and bytes per tier."""
@@ -109,3 +98,13 @@ class LLM:
     def clear_cache(self) -> int:
         """Drop every unreferenced cached block in every tier; returns how many."""
         return self.engine.clear_cache()
+
+    def close(self) -> None:
+        """Write the disk tier's queued blocks (also done on leaving a ``with`` block)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,4 +1,5 @@
-"""What a request hands back: its text as it grows (stop strings cut out) and its numbers."""
+"""What a request hands back (its text as it grows, stop strings cut out, and its figures),
+and the one place that decides a request is finished."""
 
 from __future__ import annotations
 
@@ -38,6 +39,28 @@ class TextStream:
         return delta
 
 
+def finish_reason(request: Request, stream: TextStream, eos_ids: tuple[int, ...]) -> str | None:
+    """Add the request's newest token to its text; why it is now finished, or None.
+
+    A stop token (or EOS, unless ignored) and the length limit end it at this token; a stop
+    string ends it with the text cut before the string.
+    """
+    reason = token_stop_reason(request, eos_ids)
+    if stream.add(request.output_token_ids[-1], is_last=reason is not None) and reason is None:
+        reason = "stop"
+    return reason
+
+
+def token_stop_reason(request: Request, eos_ids: tuple[int, ...]) -> str | None:
+    """The part of ``finish_reason`` that needs no text."""
+    params, token = request.params, request.output_token_ids[-1]
+    if token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
+        return "stop"
+    if request.num_output_tokens >= params.max_tokens:
+        return "length"
+    return None
+
+
 @dataclass
 class RequestMetrics:
     arrival_time: float
@@ -61,11 +84,12 @@ class RequestOutput:
     num_cached_tokens: int
     metrics: RequestMetrics
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
-    num_tokens_computed: int = 0  # K/V positions computed over all forward passes
+    work_tokens: int = 0  # K/V positions computed, summed over all forward passes
     kv_bytes_peak: int = 0
     num_preemptions: int = 0
     logprobs: list[dict[int, float]] | None = None
     delta: str = ""  # text new since the last output of this request
+    error: str | None = None  # what went wrong, when finish_reason is "error"
 
     @property
     def finished(self) -> bool:
@@ -81,6 +105,7 @@ class RequestOutput:
 
 def make_output(request: Request, prompt: str | None, stream: TextStream, delta: str,
                 kv_bytes_per_token: int) -> RequestOutput:
+    stats = request.stats
     return RequestOutput(
         request_id=request.request_id,
         prompt=prompt,
@@ -88,13 +113,14 @@ def make_output(request: Request, prompt: str | None, stream: TextStream, delta:
         text=stream.text,
         token_ids=list(request.output_token_ids),
         finish_reason=request.finish_reason,
-        num_cached_tokens=request.num_cached_tokens,
-        cached_tokens_by_tier=dict(request.cached_tokens_by_tier),
-        metrics=RequestMetrics(request.arrival_time, request.first_token_time,
-                               request.finish_time, request.cache_lookup_time),
-        num_tokens_computed=request.num_tokens_computed,
-        kv_bytes_peak=request.num_kv_tokens_peak * kv_bytes_per_token,
-        num_preemptions=request.num_preemptions,
+        num_cached_tokens=stats.num_cached_tokens,
+        cached_tokens_by_tier=dict(stats.cached_tokens_by_tier),
+        metrics=RequestMetrics(stats.arrival_time, stats.first_token_time, stats.finish_time,
+                               stats.cache_lookup_time),
+        work_tokens=stats.work_tokens,
+        kv_bytes_peak=stats.kv_tokens_peak * kv_bytes_per_token,
+        num_preemptions=stats.num_preemptions,
         logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
         delta=delta,
+        error=request.error,
     )

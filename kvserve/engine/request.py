@@ -1,4 +1,4 @@
-"""A request's state as the scheduler sees it: tokens, progress, blocks and timings."""
+"""A request's state as the scheduler sees it: tokens, progress, blocks, and its figures."""
 
 from __future__ import annotations
 
@@ -17,32 +17,40 @@ class Status(enum.Enum):
 
 
 @dataclass
+class RequestStats:
+    """What a request cost and where its tokens came from, counted by the scheduler."""
+
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    cache_lookup_time: float = 0.0  # seconds spent finding the cached prefix
+    # Work meter: K/V positions computed, summed over forward passes (recomputation counts).
+    work_tokens: int = 0
+    prompt_work_tokens: int = 0
+    kv_tokens_peak: int = 0
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    hit_tiers: list[str] = field(default_factory=list)  # the tier of each hit block
+
+
+@dataclass
 class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float = field(default_factory=time.perf_counter)
     status: Status = Status.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     # Positions whose K/V are in the cache: | computed | to compute |
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    # Work meter: K/V positions computed for this request, summed over forward passes.
-    num_tokens_computed: int = 0
-    num_prompt_tokens_computed: int = 0
-    num_kv_tokens_peak: int = 0
-    num_preemptions: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
     block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, in chain order
     num_committed_blocks: int = 0  # leading blocks registered in the prefix index
-    cached_logits: Any = None  # exact repeat: sample the first token from these
-    cache_lookup_time: float = 0.0
-    first_token_time: float | None = None
-    finish_time: float | None = None
+    replay_logits: Any = None  # an exact repeat: sample the first token from these
+    finish_reason: str | None = None
+    error: str | None = None  # what went wrong, when finish_reason is "error"
     logprobs: list[dict[int, float]] = field(default_factory=list)
-    generator: Any = None  # a torch.Generator when the request is seeded
+    stats: RequestStats = field(default_factory=RequestStats)
 
     @property
     def num_prompt_tokens(self) -> int:

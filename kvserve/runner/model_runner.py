@@ -1,29 +1,40 @@
-"""Turn a SchedulerOutput into tensors, run one forward pass, sample."""
+"""A SchedulerOutput in, one forward pass, sampled tokens out as a RunnerOutput.
+
+The runner owns the KV tensors and the per-request sampling generators; it reads the step's
+plain values and never changes a request. Failures stay with their request: a block that
+cannot be loaded skips that request's forward pass, a forward pass that raises is retried
+one request at a time (the kernels are batch-invariant, so the others' tokens do not
+change), and sampling is guarded per request.
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 
-from kvserve.cache.manager import KVCacheManager
-from kvserve.engine.request import Request
-from kvserve.engine.scheduler import SchedulerOutput
-from kvserve.model.attention import AttentionMetadata, PrefillSpan
+from kvserve import faults
 from kvserve.model.config import ModelConfig
 from kvserve.model.cpu_kernels import paged_decode_kernel
 from kvserve.model.cuda_kernels import flashinfer_decode_kernel
 from kvserve.model.llama import LlamaForCausalLM
-from kvserve.runner.sampler import make_generator, sample, top_logprobs
+from kvserve.runner.inputs import prepare_inputs
+from kvserve.runner.sampler import make_generator, sample_row, top_logprobs
+from kvserve.step import BlockSave, RunnerOutput, ScheduledRequest, SchedulerOutput
+
+log = logging.getLogger("kvserve")
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, kv: KVCacheManager,
-                 dtype: torch.dtype, device: torch.device, num_threads: int = 1) -> None:
-        self.model, self.kv, self.device = model, kv, device
-        self.block_size = block_size = kv.block_size
-        num_slots = kv.num_blocks * block_size
+    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
+                 block_size: int, dtype: torch.dtype, device: torch.device,
+                 num_threads: int = 1) -> None:
+        self.model, self.device, self.block_size = model, device, block_size
         # [layers, K/V, slots, kv_heads, head_dim], allocated once.
-        self.kv_cache = torch.zeros(config.num_layers, 2, num_slots, config.num_kv_heads,
-                                    config.head_dim, dtype=dtype, device=device)
+        self.kv_cache = torch.zeros(config.num_layers, 2, num_blocks * block_size,
+                                    config.num_kv_heads, config.head_dim, dtype=dtype,
+                                    device=device)
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[i, 0]
             layer.self_attn.v_cache = self.kv_cache[i, 1]
@@ -37,105 +48,126 @@ class ModelRunner:
         probe = torch.empty(1, config.num_heads, config.head_dim, dtype=dtype, device=device)
         ok = kernel is not None and kernel.supports(probe, self.kv_cache[0, 0])
         self.decode_kernel = kernel if ok else None
+        self.generators: dict[str, torch.Generator] = {}
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """[layers, K/V, block_size, kv_heads, head_dim]: the payload of one block."""
+        shape = self.kv_cache.shape
+        return (shape[0], shape[1], self.block_size, *shape[3:])
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Returns the sampled token of each request that reached its end this step."""
-        self._transfer_blocks()
-        batch = sorted((s for s in out.scheduled if s[1]), key=lambda s: s[1] != 1)  # decodes 1st
-        rows, to_sample = [], []
-        if batch:
-            input_ids, positions, meta = self._prepare(batch)
-            hidden = self.model(input_ids, positions, meta)
-            ends, offset = [], 0
-            for request, num_new in batch:
-                offset += num_new
-                if request.num_computed_tokens + num_new == request.num_tokens:
-                    ends.append(offset - 1)
-                    to_sample.append(request)
-            if ends:
-                rows.append(self.model.compute_logits(hidden[ends]))  # [N, vocab]
-        for request, num_new in out.scheduled:
-            if num_new == 0:  # an exact repeat: its first token comes from kept logits
-                rows.append(request.cached_logits.to(self.device).unsqueeze(0))
-                to_sample.append(request)
-                request.cached_logits = None
-        if not to_sample:
-            return {}
-        logits = torch.cat(rows) if len(rows) > 1 else rows[0]
-        return self._sample(to_sample, logits)
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        result = RunnerOutput()
+        for request_id in out.finished_request_ids:
+            self.generators.pop(request_id, None)
+        result.saved = [(save, self._copy_out(save)) for save in out.saves]
+        for s in out.scheduled:
+            self._load_blocks(s, result)
+        computed = [s for s in out.scheduled
+                    if s.num_new_tokens and s.request_id not in result.failed_loads]
+        ids, pieces = self._forward_isolated(computed, result)
+        for s in out.scheduled:
+            if s.replay_logits is not None:  # an exact repeat: its first token from kept logits
+                ids.append(s.request_id)
+                pieces.append(s.replay_logits.to(self.device).unsqueeze(0))
+        if ids:
+            logits = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [N, vocab]
+            self._sample({s.request_id: s for s in out.scheduled}, ids, logits, result)
+        return result
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> dict[str, int]:
-        for r in requests:
-            if r.generator is None and r.params.seed is not None:
-                r.generator = make_generator(r.params.seed, self.device)
-        tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
-        for i, r in enumerate(requests):
-            if r.params.logprobs is not None:
-                r.logprobs.append(top_logprobs(logits[i], [tokens[i]], r.params.logprobs))
-            if r.num_output_tokens == 0:
-                self.kv.remember_logits(r, logits[i].to("cpu", copy=True))
-        return {r.request_id: t for r, t in zip(requests, tokens)}
+    def _copy_out(self, save: BlockSave) -> torch.Tensor:
+        return self._block(save.block_id).to("cpu", copy=True)
 
-    def _transfer_blocks(self) -> None:
-        """Evicted blocks out to the host/disk tier first, then tier hits into their blocks."""
-        saves, loads = self.kv.take_transfers()
-        for block_id, block_hash, tokens in saves:
-            self.kv.store_evicted(block_hash, tokens, self._block(block_id).to("cpu", copy=True))
-        for block_id, payload in loads:
-            block = self._block(block_id)
-            block.copy_(payload.reshape(block.shape))
+    def _load_blocks(self, s: ScheduledRequest, result: RunnerOutput) -> None:
+        for load in s.loads:
+            try:
+                faults.check("load", s.request_id)
+                block, payload = self._block(load.block_id), load.payload
+                if payload.dtype != block.dtype or payload.numel() != block.numel():
+                    raise ValueError(f"payload {payload.dtype} x {payload.numel()} does not fit "
+                                     f"a {block.dtype} block of {block.numel()}")
+                block.copy_(payload.reshape(block.shape))
+            except Exception as exc:
+                log.warning("request %s: a cached block could not be loaded (%r); its tokens "
+                            "are computed instead", s.request_id, exc)
+                result.failed_loads[s.request_id] = load.block_id
+                return
+
+    def _forward_isolated(self, batch: list[ScheduledRequest], result: RunnerOutput
+                          ) -> tuple[list[str], list[torch.Tensor]]:
+        """Logits of the sampled positions; a failing batch is retried a request at a time."""
+        if not batch:
+            return [], []
+        try:
+            ids, logits = self._forward(batch)
+            return ids, [logits] if ids else []
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail(batch[0], exc, result)
+                return [], []
+            log.warning("a forward pass of %d requests failed; running them one at a time",
+                        len(batch), exc_info=True)
+        all_ids, pieces = [], []
+        for s in batch:
+            try:
+                ids, logits = self._forward([s])
+            except Exception as exc:
+                self._fail(s, exc, result)
+                continue
+            if ids:
+                all_ids += ids
+                pieces.append(logits)
+        return all_ids, pieces
+
+    def _fail(self, s: ScheduledRequest, exc: Exception, result: RunnerOutput) -> None:
+        log.error("the forward pass of request %s failed: %r", s.request_id, exc,
+                  exc_info=exc)
+        result.errors[s.request_id] = f"forward pass failed: {exc!r}"
+
+    def _forward(self, batch: list[ScheduledRequest]) -> tuple[list[str], torch.Tensor]:
+        batch = sorted(batch, key=lambda s: s.num_new_tokens != 1)  # decodes first
+        input_ids, positions, meta = prepare_inputs(batch, self.block_size, self.device,
+                                                    self.decode_kernel)
+        hidden = self.model(input_ids, positions, meta)
+        ends, ids, offset = [], [], 0
+        for s in batch:
+            offset += s.num_new_tokens
+            if s.sample:
+                ends.append(offset - 1)
+                ids.append(s.request_id)
+        if not ends:
+            return [], hidden[:0]
+        return ids, self.model.compute_logits(hidden[ends])  # [N, vocab]
+
+    def _sample(self, by_id: dict[str, ScheduledRequest], ids: list[str], logits: torch.Tensor,
+                result: RunnerOutput) -> None:
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, request_id in enumerate(ids):
+            s = by_id[request_id]
+            try:
+                faults.check("sample", request_id)
+                if not s.params.is_greedy:
+                    tokens[i] = sample_row(logits[i], s.params, self._generator(s))
+                if s.params.logprobs is not None:
+                    result.logprobs[request_id] = top_logprobs(logits[i], [tokens[i]],
+                                                               s.params.logprobs)
+                if s.keep_logits:
+                    result.kept_logits[request_id] = logits[i].to("cpu", copy=True)
+                result.sampled[request_id] = tokens[i]
+            except Exception as exc:
+                log.exception("sampling for request %s failed", request_id)
+                result.errors[request_id] = f"sampling failed: {exc!r}"
+
+    def _generator(self, s: ScheduledRequest) -> Any:
+        """A seeded request's own generator: its draws do not depend on the batch."""
+        if s.params.seed is None:
+            return None
+        if s.request_id not in self.generators:
+            self.generators[s.request_id] = make_generator(s.params.seed, self.device)
+        return self.generators[s.request_id]
 
     def _block(self, block_id: int) -> torch.Tensor:
         """[layers, K/V, block_size, kv_heads, head_dim] view of one block."""
         start = block_id * self.block_size
         return self.kv_cache[:, :, start : start + self.block_size]
-
-    def _prepare(self, batch: list[tuple[Request, int]]):
-        ids: list[int] = []
-        pos: list[int] = []
-        decodes = [(r, n) for r, n in batch if n == 1]
-        prefills: list[PrefillSpan] = []
-        for request, num_new in batch:
-            start = request.num_computed_tokens
-            if num_new > 1:
-                prefills.append(self._prefill_span(request, len(ids), num_new))
-            ids.extend(request.token_ids_slice(start, start + num_new))
-            pos.extend(range(start, start + num_new))
-        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
-        tables = [r.block_table for r, _ in batch]
-        owners = torch.repeat_interleave(
-            torch.arange(len(batch), device=self.device),
-            torch.tensor([n for _, n in batch], device=self.device))
-        blocks = self._padded(tables)[owners, positions // self.block_size]
-        slot_mapping = blocks * self.block_size + positions % self.block_size
-        meta = AttentionMetadata(slot_mapping=slot_mapping, positions=positions,
-                                 block_size=self.block_size,
-                                 prefills=tuple(prefills), decode_kernel=self.decode_kernel)
-        if decodes:
-            meta.num_decodes = len(decodes)
-            lens = [r.num_computed_tokens + 1 for r, _ in decodes]
-            max_len = max(lens)
-            meta.decode_blocks = self._padded([r.block_table for r, _ in decodes])
-            meta.decode_len = max_len
-            meta.decode_lens = torch.tensor(lens, device=self.device)
-            if min(lens) != max_len and self.decode_kernel is None:
-                mask = torch.arange(max_len, device=self.device) < meta.decode_lens.unsqueeze(1)
-                meta.decode_mask = mask[:, None, None, :]  # [D, 1, 1, max_len]
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return input_ids, positions, meta
-
-    def _prefill_span(self, request: Request, start: int, num_new: int) -> PrefillSpan:
-        span = PrefillSpan(start=start, num_new=num_new)
-        num_computed = request.num_computed_tokens
-        if num_computed:
-            num_ctx = num_computed + num_new
-            span.context_blocks = torch.tensor(request.block_table, device=self.device)
-            q_pos = torch.arange(num_computed, num_ctx, device=self.device)
-            span.mask = torch.arange(num_ctx, device=self.device) <= q_pos.unsqueeze(1)
-        return span
-
-    def _padded(self, tables: list[list[int]]) -> torch.Tensor:
-        width = max(len(t) for t in tables)
-        rows = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(rows, dtype=torch.long, device=self.device)

@@ -14,15 +14,10 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """logits: [N, vocab] float32, one row per sequence -> N token ids."""
-    tokens = logits.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if not p.is_greedy:
-            probs = filtered_probs(logits[i], p)
-            tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-    return tokens
+def sample_row(logits: torch.Tensor, p: SamplingParams,
+               generator: torch.Generator | None) -> int:
+    """One token from a [vocab] row of logits (a greedy row is an argmax, done batched)."""
+    return int(torch.multinomial(filtered_probs(logits, p), 1, generator=generator).item())
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

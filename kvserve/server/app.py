@@ -10,7 +10,8 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 
 from kvserve import __version__
-from kvserve.engine.engine import Engine, EngineConfig
+from kvserve.config import EngineConfig
+from kvserve.engine.engine import Engine
 from kvserve.server import routes_extra, routes_openai
 from kvserve.server.async_engine import AsyncEngine
 from kvserve.server.errors import APIError, install_error_handlers
@@ -29,13 +30,14 @@ def build_app(engine: Engine, *, served_model_name: str | None = None,
         engine=AsyncEngine(engine, metrics, max_waiting), metrics=metrics,
         tokenizer=engine.tokenizer, model_name=served_model_name or engine.model_config.name,
         fingerprint=engine.fingerprint, max_model_len=engine.max_model_len,
-        num_pool_tokens=engine.kv.num_blocks * engine.kv.block_size, api_key=api_key)
+        num_pool_tokens=engine.stats().num_pool_tokens, api_key=api_key)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         ctx.engine.start()
         yield
         ctx.engine.stop()
+        engine.close()
 
     app = FastAPI(title="kvserve", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx
@@ -58,10 +60,10 @@ async def require_api_key(request: Request) -> None:
 
 
 def banner(engine: Engine, model_name: str, url: str) -> str:
-    kv = engine.kv
+    s = engine.stats()
     return (f"kvserve {__version__}: {model_name} ({engine.config.dtype}, {engine.device}), "
-            f"context {engine.max_model_len} tokens, KV pool {kv.num_blocks} blocks x "
-            f"{kv.block_size} tokens ({format_size(kv.num_blocks * engine.block_bytes)}), "
+            f"context {engine.max_model_len} tokens, KV pool {s.num_blocks} blocks x "
+            f"{s.block_size} tokens ({format_size(s.num_blocks * s.block_bytes)}), "
             f"prefix cache {'on' if engine.config.enable_prefix_caching else 'off'}, "
             f"serving at {url}")
 

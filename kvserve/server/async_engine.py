@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvserve.engine.engine import Engine
@@ -195,20 +195,10 @@ class AsyncEngine:
                                              RequestTimes(command.submit_time))
 
     def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception:
-            log.exception("engine step failed; failing the requests it ran")
-            outputs = self._fail_running()
-        for out in outputs:
+        """One engine step. The engine keeps each failure with its request; an exception
+        here is a bug in the engine itself, and ends the loop (``/health`` turns 503)."""
+        for out in self.engine.step():
             self._deliver(out)
-
-    def _fail_running(self) -> list[RequestOutput]:
-        """Finish the requests a failed step ran (all queued ones if none ran) with ``error``."""
-        scheduler = self.engine.scheduler
-        suspects = list(scheduler.running) or list(scheduler.waiting)
-        outputs = (self.engine.abort(r.request_id) for r in suspects)
-        return [replace(o, finish_reason="error") for o in outputs if o is not None]
 
     def _deliver(self, out: RequestOutput) -> None:
         tracked = self._tracked.get(out.request_id)
@@ -224,9 +214,9 @@ class AsyncEngine:
         self._loop.call_soon_threadsafe(group.receive, index, item)
 
     def _publish_state(self) -> None:
-        kv, scheduler = self.engine.kv, self.engine.scheduler
-        self.metrics.engine_state(len(scheduler.running), len(scheduler.waiting),
-                                  kv.num_blocks - kv.num_free_blocks, kv.usage)
+        s = self.engine.stats()
+        self.metrics.engine_state(s.num_running, s.num_waiting,
+                                  s.num_blocks - s.num_free_blocks, s.kv_usage)
 
     def _die(self, exc: Exception) -> None:
         """Fail every request in flight or still in the inbox; refuse new ones."""

@@ -87,16 +87,16 @@ async def _on_engine(ctx: ServerContext, fn: Callable[[Engine], T]) -> T:
 def _stats(engine: Engine, metrics: ServerMetrics) -> dict[str, Any]:
     """Runs on the engine thread. The engine's cache report, with the legacy keys (hits,
     misses, hit_rate, total_requests: requests whose prompt found cached tokens, or not)."""
-    kv, scheduler = engine.kv, engine.scheduler
+    s = engine.stats()
     hits, misses = metrics.num_requests_hit, metrics.num_requests_missed
     return {
         **engine.cache_stats(),
-        "cache_size": kv.pool.num_used + kv.pool.num_cached,  # device blocks holding K/V
+        "cache_size": s.num_used_blocks + s.num_cached_blocks,  # device blocks holding K/V
         "hits": hits, "misses": misses, "total_requests": hits + misses,
         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-        "kv_blocks_total": kv.num_blocks, "kv_blocks_free": kv.num_free_blocks,
-        "kv_usage": kv.usage, "block_size": kv.block_size,
-        "num_running": len(scheduler.running), "num_waiting": len(scheduler.waiting),
+        "kv_blocks_total": s.num_blocks, "kv_blocks_free": s.num_free_blocks,
+        "kv_usage": s.kv_usage, "block_size": s.block_size,
+        "num_running": s.num_running, "num_waiting": s.num_waiting,
     }
 
 

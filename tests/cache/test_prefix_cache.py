@@ -2,9 +2,10 @@
 
 import pytest
 
+from kvserve.cache.disk_tier import DiskTier
 from kvserve.cache.hashing import hash_block, root_hash
 from kvserve.cache.manager import KVCacheManager
-from kvserve.cache.tiers import DiskTier, Entry, HostTier
+from kvserve.cache.tiers import HostTier, TierStore
 from kvserve.engine.request import Request
 from kvserve.sampling_params import SamplingParams
 
@@ -109,35 +110,39 @@ def test_clear_drops_only_unreferenced_cached_blocks():
 
 
 def test_evicted_blocks_move_to_the_host_tier_and_load_back():
-    host = HostTier(capacity_bytes=10 * 64)
-    kv = KVCacheManager(3, BS, block_bytes=64, host=host)
+    tiers = TierStore(HostTier(capacity_bytes=10 * 64), block_bytes=64)
+    kv = KVCacheManager(3, BS, block_bytes=64, tiers=tiers)
     a = req(range(100, 109), rid="a")
     run_prompt(kv, a)
     kv.free(a)
     b = req(range(200, 209), rid="b")
     run_prompt(kv, b)  # needs all 3 blocks: a's two cached blocks are evicted
-    saves, loads = kv.take_transfers()
-    assert [s[0] for s in saves] == [1, 0] and loads == []
+    saves = kv.take_saves()
+    assert [s[0] for s in saves] == [1, 0]
     for block_id, h, tokens in saves:  # the runner copies the content out
         kv.store_evicted(h, tokens, f"kv-of-block-{block_id}")
     kv.free(b)
     a2 = req(range(100, 109), rid="a2")
     hit = kv.lookup(a2)
-    assert hit.num_tokens == 8 and hit.tokens_by_tier(BS) == {"host": 8}
+    assert hit.num_tokens == 8 and hit.tokens_by_tier() == {"host": 8} and hit.loads == []
     assert kv.allocate_slots(a2, 1, hit)
-    _, loads = kv.take_transfers()
-    assert [payload for _, payload in loads] == ["kv-of-block-0", "kv-of-block-1"]
-    assert a2.num_cached_tokens == 8 and kv.stats.hit_tokens_by_tier["host"] == 8
+    assert [payload for _, payload in hit.loads] == ["kv-of-block-0", "kv-of-block-1"]
+    assert kv.stats.hit_tokens_by_tier["host"] == 8
+    # Loaded blocks enter the prefix index only once their K/V are in place (commit).
+    assert kv.pool.index == {} and a2.num_committed_blocks == 0
+    a2.num_computed_tokens = a2.num_tokens
+    kv.commit(a2)
+    assert kv.lookup(req(range(100, 109), rid="a3")).tokens_by_tier() == {"device": 8}
 
 
 def codec():
     return (lambda s: s.encode()), (lambda b: b.decode())
 
 
-def disk_with_block(tmp_path, fingerprint="fp-one"):
-    disk = DiskTier(tmp_path, 1 << 20, fingerprint, *codec())
+def disk_with_block(tmp_path, fingerprint="fp-one", kv_format="float32;v1"):
+    disk = DiskTier(tmp_path, 1 << 20, fingerprint, *codec(), kv_format=kv_format)
     h = hash_block(root_hash(fingerprint, BS), [1, 2, 3, 4])
-    disk.put(h, Entry((1, 2, 3, 4), "payload", 7))
+    disk.put(h, (1, 2, 3, 4), "payload")
     disk.flush()
     return disk, h
 
@@ -145,7 +150,7 @@ def disk_with_block(tmp_path, fingerprint="fp-one"):
 def test_disk_tier_survives_a_restart(tmp_path):
     disk, h = disk_with_block(tmp_path)
     disk.close()
-    again = DiskTier(tmp_path, 1 << 20, "fp-one", *codec())
+    again = DiskTier(tmp_path, 1 << 20, "fp-one", *codec(), kv_format="float32;v1")
     assert again.get(h, (1, 2, 3, 4)) == "payload"
     assert again.get(h, (1, 2, 3, 5)) is None  # tokens verified, not just the hash
 
@@ -177,8 +182,112 @@ def test_a_disk_write_error_disables_the_tier_without_raising(tmp_path):
         raise OSError(28, "No space left on device")
 
     disk = DiskTier(tmp_path, 1 << 20, "fp", full_disk, lambda b: b)
-    disk.put(b"x" * 16, Entry((1,), "p", 4))
+    disk.put(b"x" * 16, (1,), "p")
     disk.flush()
     assert not disk.enabled and disk.files == {}
-    disk.put(b"y" * 16, Entry((1,), "p", 4))  # ignored from now on
+    disk.put(b"y" * 16, (1,), "p")  # ignored from now on
     assert disk.pending == {} and disk.get(b"y" * 16, (1,)) is None
+
+
+def test_a_record_of_another_kv_format_is_skipped_and_left_alone(tmp_path):
+    disk, h = disk_with_block(tmp_path, kv_format="float32;v1")
+    disk.close()
+    bf16 = DiskTier(tmp_path, 1 << 20, "fp-one", *codec(), kv_format="bfloat16;v1")
+    assert bf16.contains(h)  # same name (a test sharing the hash): only the header tells
+    assert bf16.get(h, (1, 2, 3, 4)) is None and bf16.num_skipped == 1
+    assert disk.path(h).exists()  # the float32 engine's record is still there for it
+    again = DiskTier(tmp_path, 1 << 20, "fp-one", *codec(), kv_format="float32;v1")
+    assert again.get(h, (1, 2, 3, 4)) == "payload"
+
+
+def test_the_kv_format_is_part_of_every_hash():
+    assert root_hash("fp", BS, "float32;v1") != root_hash("fp", BS, "bfloat16;v1")
+    assert root_hash("fp", BS, "float32;v1") != root_hash("fp", BS, "float32;v2")
+
+
+def test_a_payload_of_the_wrong_size_is_a_miss(tmp_path):
+    disk = DiskTier(tmp_path, 1 << 20, "fp", *codec(), kv_format="f", payload_bytes=8)
+    disk.put(b"h" * 16, (1, 2), "seven b")
+    disk.flush()
+    assert disk.get(b"h" * 16, (1, 2)) is None and not disk.path(b"h" * 16).exists()
+
+
+def test_odd_files_in_a_shared_folder_never_fail_startup_or_a_lookup(tmp_path):
+    disk, h = disk_with_block(tmp_path)
+    disk.close()
+    folder = disk.folder
+    (folder / f"{'ab' * 16}.kvb").symlink_to(folder / "nowhere.kvb")  # dangling link
+    (folder / f"{'cd' * 16}.kvb.123.tmp").write_bytes(b"half a write")  # orphan temp file
+    (folder / "not-hex.kvb").write_bytes(b"x")
+    again = DiskTier(tmp_path, 1 << 20, "fp-one", *codec(), kv_format="float32;v1")
+    assert list(again.files) == [h]
+    again.path(h).unlink()  # removed by another process sharing the folder
+    assert again.get(h, (1, 2, 3, 4)) is None and h not in again.files
+
+
+def test_a_waiting_request_does_not_read_the_disk_until_it_gets_blocks(tmp_path):
+    reads = []
+    disk = DiskTier(tmp_path, 1 << 20, "fp", lambda s: s.encode(),
+                    lambda b: reads.append(b) or b.decode())
+    kv = KVCacheManager(3, BS, tiers=TierStore(disk=disk), fingerprint="fp")
+    a = req(range(100, 109), rid="a")
+    run_prompt(kv, a)
+    kv.free(a)
+    kv.clear()  # only the disk has a's blocks now
+    for i, h in enumerate(a.block_hashes[:2]):
+        disk.put(h, tuple(range(100 + 4 * i, 104 + 4 * i)), f"block-{i}")
+    disk.flush()
+    disk.pending.clear()
+    hog = req(range(500, 509), rid="hog")
+    run_prompt(kv, hog)  # holds all 3 blocks
+    a2 = req(range(100, 109), rid="a2")
+    for _ in range(5):  # the scheduler retries every step while the pool is full
+        hit = kv.lookup(a2)
+        assert hit.tokens_by_tier() == {"disk": 8}
+        assert not kv.allocate_slots(a2, 1, hit)
+    assert reads == []
+    kv.free(hog)
+    hit = kv.lookup(a2)
+    assert kv.allocate_slots(a2, 1, hit) and len(reads) == 2
+    assert [p for _, p in hit.loads] == ["block-0", "block-1"]
+
+
+def test_an_unreadable_tier_block_ends_the_hit_before_it(tmp_path):
+    disk = DiskTier(tmp_path, 1 << 20, "fp", *codec())
+    kv = KVCacheManager(8, BS, tiers=TierStore(disk=disk), fingerprint="fp")
+    a = req(range(100, 113), rid="a")
+    run_prompt(kv, a)
+    kv.free(a)
+    kv.clear()
+    for i, h in enumerate(a.block_hashes[:3]):
+        disk.put(h, tuple(range(100 + 4 * i, 104 + 4 * i)), f"block-{i}")
+    disk.flush()
+    disk.path(a.block_hashes[1]).write_bytes(b"garbage")
+    a2 = req(range(100, 113), rid="a2")
+    hit = kv.lookup(a2)
+    assert hit.num_tokens == 12
+    assert kv.allocate_slots(a2, 1, hit)
+    assert hit.num_tokens == 4 and [p for _, p in hit.loads] == ["block-0"]
+    assert a2.num_computed_tokens == 4 and len(a2.block_table) == 2
+
+
+def test_dropping_a_failed_load_releases_its_blocks_unindexed():
+    tiers = TierStore(HostTier(capacity_bytes=10 * 64), block_bytes=64)
+    kv = KVCacheManager(4, BS, block_bytes=64, tiers=tiers)
+    a = req(range(100, 109), rid="a")
+    run_prompt(kv, a)
+    kv.free(a)
+    kv.clear()  # the device copies are gone; the host tier gets both blocks
+    for i, h in enumerate(a.block_hashes[:2]):
+        kv.store_evicted(h, tuple(range(100 + 4 * i, 104 + 4 * i)), f"kv-{i}")
+    a2 = req(range(100, 109), rid="a2")
+    hit = kv.lookup(a2)
+    assert kv.allocate_slots(a2, 1, hit) and a2.num_computed_tokens == 8
+    kv.drop_blocks(a2, 1, ["host"])  # the copy into block 1 failed
+    assert a2.num_computed_tokens == 4 and len(a2.block_table) == 1
+    assert kv.stats.hit_tokens_by_tier["host"] == 4
+    assert kv.allocate_slots(a2, 5)  # the rest is computed, into fresh blocks
+    a2.num_computed_tokens = 9
+    kv.commit(a2)
+    kv.check_integrity([a2])
+    assert kv.lookup(req(range(100, 109), rid="a3")).num_tokens == 8

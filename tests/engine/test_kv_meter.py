@@ -16,7 +16,7 @@ def work(llm, prompt_len: int, n: int, use_kv_cache: bool) -> int:
                             use_kv_cache=use_kv_cache)
     out = llm.generate([list(range(100, 100 + prompt_len))], params)[0]
     assert len(out.token_ids) == n
-    return out.num_tokens_computed
+    return out.work_tokens
 
 
 @pytest.mark.parametrize("prompt_len,n", [(5, 1), (5, 7), (12, 40)])

@@ -44,8 +44,8 @@ def test_kv_cache_and_no_cache_give_identical_tokens_and_exact_work(llm):
         p, n = len(cached.prompt_token_ids), 32
         assert cached.token_ids == recomputed.token_ids
         assert len(cached.token_ids) == n
-        assert cached.num_tokens_computed == p + n - 1
-        assert recomputed.num_tokens_computed == sum(p + i for i in range(n))
+        assert cached.work_tokens == p + n - 1
+        assert recomputed.work_tokens == sum(p + i for i in range(n))
         assert cached.kv_bytes_peak == (p + n - 1) * 46_080
         assert_idle(llm)
 

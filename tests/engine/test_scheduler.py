@@ -3,9 +3,11 @@
 import random
 
 from kvserve.cache.manager import KVCacheManager
+from kvserve.engine.output import token_stop_reason
 from kvserve.engine.request import Request, Status
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.sampling_params import SamplingParams
+from kvserve.step import RunnerOutput
 
 EOS = 2
 
@@ -20,17 +22,22 @@ def req(rid, prompt_len, max_tokens=4, **kw):
                    SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kw))
 
 
+def apply(s: Scheduler, out, sampled: dict[str, int]) -> None:
+    """What the engine does with a step's result: update, then decide who is finished."""
+    for request in s.update(out, RunnerOutput(sampled=sampled)):
+        if not request.is_finished and (reason := token_stop_reason(request, (EOS,))):
+            s.finish(request, reason)
+
+
 def fake_step(s: Scheduler, token=7):
     out = s.schedule()
-    sampled = {r.request_id: token for r, n in out.scheduled
-               if r.num_computed_tokens + n == r.num_tokens}
-    s.update(out, sampled, (EOS,))
+    apply(s, out, {x.request_id: token for x in out.scheduled if x.sample})
     s.kv.check_integrity(s.running + list(s.waiting))
     return out
 
 
 def plan(out):
-    return [(r.request_id, n) for r, n in out.scheduled]
+    return [(x.request_id, x.num_new_tokens) for x in out.scheduled]
 
 
 def test_prompts_are_chunked_to_the_token_budget():
@@ -74,7 +81,7 @@ def test_newest_request_is_preempted_when_blocks_run_out():
     assert ("old", 1) in plan(out)
     new = next(r for r in s.waiting)
     assert new.request_id == "new" and new.status is Status.WAITING
-    assert new.num_computed_tokens == 0 and new.block_table == [] and new.num_preemptions == 1
+    assert new.num_computed_tokens == 0 and new.block_table == [] and new.stats.num_preemptions == 1
     assert s.stats.num_preemptions == 1
 
 
@@ -95,7 +102,7 @@ def test_no_cache_policy_recomputes_the_whole_sequence_each_step():
     s.add(r)
     computed = [fake_step(s).num_tokens for _ in range(4)]
     assert computed == [5, 6, 7, 8]  # sum of (P + i) for i in 0..n-1
-    assert r.num_tokens_computed == 26 and r.finish_reason == "length"
+    assert r.stats.work_tokens == 26 and r.finish_reason == "length"
     assert s.kv.num_free_blocks == 100
 
 
@@ -105,7 +112,7 @@ def test_kv_cache_policy_computes_each_token_once():
     s.add(r)
     computed = [fake_step(s).num_tokens for _ in range(4)]
     assert computed == [5, 1, 1, 1]  # P + n - 1
-    assert r.num_kv_tokens_peak == 8
+    assert r.stats.kv_tokens_peak == 8
 
 
 def test_eos_and_stop_token_ids_finish_with_stop():
@@ -114,8 +121,7 @@ def test_eos_and_stop_token_ids_finish_with_stop():
     b = Request("b", [1, 2], SamplingParams(max_tokens=5, stop_token_ids=(9,)))
     s.add(a)
     s.add(b)
-    out = s.schedule()
-    s.update(out, {"a": EOS, "b": 9}, (EOS,))
+    apply(s, s.schedule(), {"a": EOS, "b": 9})
     assert a.finish_reason == "stop" and b.finish_reason == "stop"
     assert not s.has_unfinished() and s.kv.num_free_blocks == 100
 

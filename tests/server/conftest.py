@@ -14,7 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from threaded_server import serve_in_thread  # tests/, on the path through its conftest
 
-from kvserve.engine.engine import Engine, EngineConfig
+from kvserve.config import EngineConfig
+from kvserve.engine.engine import Engine
 from kvserve.server.app import build_app
 from kvserve.server.serving import ServerContext
 

@@ -17,7 +17,7 @@ def fragile(start_server, monkeypatch):
         execute = runner.execute
 
         def failing_execute(out, *args, **kwargs):
-            if any(r.params.seed == POISON_SEED for r, _ in out.scheduled):
+            if any(s.params.seed == POISON_SEED for s in out.scheduled):
                 raise RuntimeError("injected fault")
             return execute(out, *args, **kwargs)
 
@@ -53,3 +53,31 @@ def test_a_dead_engine_loop_answers_503(fragile, monkeypatch):
                    json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503
     assert httpx.get(f"{fragile.url}/cache/stats").status_code == 503
+
+
+def test_a_surrogate_salt_is_refused_while_a_healthy_stream_goes_on(server):
+    import threading
+
+    events: list[str] = []
+
+    def stream() -> None:
+        body = {"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as r:
+            events.append(str(r.status_code))
+            events.extend(line[6:] for line in r.iter_lines() if line.startswith("data: "))
+
+    healthy = threading.Thread(target=stream)
+    healthy.start()
+    bad = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                     content=b'{"prompt": "hi", "max_tokens": 4, "cache_salt": "\\ud800"}',
+                     headers={"Content-Type": "application/json"})
+    healthy.join(120)
+    assert bad.status_code == 400
+    error = bad.json()["error"]
+    assert error["param"] == "cache_salt" and "Unicode" in error["message"]
+    assert events[0] == "200" and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[1:-1]]
+    assert all("error" not in c for c in chunks)
+    assert sum(len(c["choices"]) for c in chunks) >= 24
+    server.wait_idle()
