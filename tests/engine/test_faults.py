@@ -17,7 +17,7 @@ PROMPTS = [
     "My favourite recipe for pancakes starts with",
     "The three laws of motion are",
 ]
-GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 PREFIX = ("A bicycle chain should be cleaned and oiled every few hundred kilometres, more often "
           "in the rain. Which oil is best for it?")
 FILLER = "Paged attention keeps keys and values in fixed-size blocks of tokens. " * 6
@@ -63,9 +63,13 @@ def test_a_fault_fails_one_request_and_the_other_seven_are_unchanged(llm, refere
     assert {rid: o.token_ids for rid, o in outs.items()} == {
         rid: ids for rid, ids in reference.items() if rid != "r3"}
     assert all(o.finish_reason == "length" for o in outs.values())
+
+
+def test_the_engine_serves_on_after_the_faults(llm, reference):
+    faults.arm("runner", "r0")
+    run_batch(llm)
     faults.disarm_all()
-    again = run_batch(llm)  # and the engine serves on
-    assert {rid: o.token_ids for rid, o in again.items()} == reference
+    assert {rid: o.token_ids for rid, o in run_batch(llm).items()} == reference
 
 
 def test_a_runner_that_raises_as_a_whole_fails_only_the_culprit(llm, reference, monkeypatch):
@@ -114,10 +118,12 @@ def test_a_failed_tier_load_is_computed_and_leaves_no_stale_hit(checkpoint):
     assert from_host.token_ids == expected and from_host.cached_tokens_by_tier.get("host")
 
 
-def test_a_disk_folder_reopened_with_another_dtype(checkpoint, tmp_path):
+def test_a_disk_folder_reopened_with_another_dtype(tiny_checkpoint, tmp_path):
+    """The tiny model: this is about the folder, and float16 is slow on a CPU."""
     def engine(dtype: str, disk: bool = True) -> LLM:
-        return LLM(checkpoint, device="cpu", dtype=dtype, kv_disk_cache=str(tmp_path) if disk
-                   else None, kv_cache_memory=pool_of(checkpoint, dtype, 7))
+        return LLM(tiny_checkpoint, device="cpu", dtype=dtype,
+                   kv_disk_cache=str(tmp_path) if disk else None,
+                   kv_cache_memory=pool_of(tiny_checkpoint, dtype, 7))
 
     with engine("float32") as first:
         expected = evict_prefix(first)
