@@ -4,19 +4,10 @@ tier block that cannot be loaded, and a disk folder written by another dtype."""
 from __future__ import annotations
 
 import pytest
+from prompts import PROMPTS  # tests/engine, on the path as the tests' own folder
 
 from kvserve import LLM, SamplingParams, faults
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "List three primary colors:",
-    "The theory of relativity says that",
-    "Water boils at",
-    "My favourite recipe for pancakes starts with",
-    "The three laws of motion are",
-]
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 PREFIX = ("A bicycle chain should be cleaned and oiled every few hundred kilometres, more often "
           "in the rain. Which oil is best for it?")

@@ -1,19 +1,10 @@
 """The engine on the real model, greedy float32: caching and batching change cost, never tokens."""
 
 import pytest
+from prompts import PROMPTS  # tests/engine, on the path as the tests' own folder
 
 from kvserve import LLM, SamplingParams
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "List three primary colors:",
-    "The theory of relativity says that",
-    "import numpy as np\n\n# compute the mean of an array\n",
-    "Water boils at",
-    "My favourite recipe for pancakes starts with",
-]
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
