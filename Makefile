@@ -14,6 +14,7 @@ install:
 
 install-test: install
 	$(PY) -m pip install -q -e ".[test]"
+	@command -v redis-server >/dev/null || { apt-get update -q && apt-get install -y -q redis-server; }
 
 run: install
 	kvserve serve --host 127.0.0.1 --port 8000

@@ -58,6 +58,12 @@ class EngineConfig:
                                              "survives restarts", metavar="DIR",
                                         folder=True)
     kv_disk_size: int = option(10 << 30, "most bytes the disk tier keeps", size=True)
+    kv_remote: str | None = option(
+        None, "a Redis or Valkey store shared by replicas: redis://HOST:PORT[/DB] (also "
+              "rediss://, valkey://); full blocks are written through as they are computed",
+        metavar="URL")
+    kv_remote_ttl: int | None = option(None, "seconds a block stays in the remote store "
+                                             "(default: until the store evicts it)", minimum=1)
     num_exact_repeats: int = option(64, "prompts whose last logits are kept, so an exact "
                                         "repeat needs no forward pass (0: off)", minimum=0)
     schedule_policy: str = option("fcfs", "order of waiting requests: fcfs (first come, first "
@@ -78,6 +84,10 @@ class EngineConfig:
                     value, bool) or value < meta["minimum"]):
                 raise ValueError(f"{f.name} must be an integer >= {meta['minimum']}; got "
                                  f"{value!r}")
+        if self.kv_remote is not None and self.kv_remote.partition("://")[0] not in (
+                "redis", "rediss", "valkey", "valkeys"):
+            raise ValueError(f"kv_remote must look like redis://HOST:PORT[/DB] (also rediss://, "
+                             f"valkey://); got {self.kv_remote!r}")
         if self.block_size > MAX_BLOCK_SIZE:
             raise ValueError(f"block_size must be between 1 and {MAX_BLOCK_SIZE}; got "
                              f"{self.block_size}")

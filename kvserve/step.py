@@ -14,11 +14,13 @@ from kvserve.sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class BlockSave:
-    """An evicted block whose K/V must be copied out before anything overwrites it."""
+    """A block whose K/V must be copied out before anything overwrites it: evicted from the
+    pool, or newly full and wanted by the remote tier."""
 
     block_id: int
     block_hash: bytes
     token_ids: tuple[int, ...]
+    evicted: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,8 @@
 """The disk tier: one self-checking file per evicted block, written behind, kept across runs.
 
-A record is ``header | token ids | payload | checksum``. The header names the model
-fingerprint, the block hash, the number of tokens and the KV format (dtype and layout); a
-block is used only if all of them match this engine's, its payload has exactly the expected
-size and the blake2b checksum of everything before it is right. A corrupt, truncated or
-foreign file is deleted and treated as a miss; a record of another KV format is skipped
-(never loaded, never reinterpreted) and left for the engine that wrote it.
+Each file is one self-checking record (record.py): a corrupt, truncated or foreign file is
+deleted and treated as a miss; a record of another KV format is skipped (never loaded, never
+reinterpreted) and left for the engine that wrote it.
 
 Files are named by block hash in a folder named by the model fingerprint. The folder may be
 shared or tidied by others: a dangling link, an orphan temporary file or a file that vanished
@@ -15,11 +12,9 @@ the tier with a warning and never fails a request.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -27,10 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvserve.cache import record
+
 log = logging.getLogger("kvserve.cache")
-MAGIC = b"KVSVBLK2"
-_HEAD = struct.Struct("<8s16s16sIH")  # magic, fingerprint, block hash, tokens, format length
-_SUM = 16
 
 
 class DiskTier:
@@ -42,7 +36,7 @@ class DiskTier:
         self.folder = Path(folder) / fingerprint
         self.folder.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
-        self.fingerprint = fingerprint.encode()[:16].ljust(16, b"\0")
+        self.fingerprint = record.fingerprint_bytes(fingerprint)
         self.kv_format = kv_format.encode()
         self.payload_bytes = payload_bytes
         self.encode, self.decode = encode, decode
@@ -104,29 +98,19 @@ class DiskTier:
     def _read(self, block_hash: bytes) -> tuple[tuple[int, ...], Any] | None:
         path = self.path(block_hash)
         try:
-            raw = path.read_bytes()
-            magic, fingerprint, file_hash, n, format_len = _HEAD.unpack_from(raw)
-            if (magic != MAGIC or fingerprint != self.fingerprint or file_hash != block_hash
-                    or hashlib.blake2b(raw[:-_SUM], digest_size=_SUM).digest() != raw[-_SUM:]):
-                raise ValueError("bad header or checksum")
-            at = _HEAD.size + format_len
-            if raw[_HEAD.size : at] != self.kv_format:
-                self.num_skipped += 1
-                self._forget(block_hash)  # another engine's format: leave its file alone
-                return None
-            tokens = struct.unpack_from(f"<{n}I", raw, at)
-            body = raw[at + 4 * n : -_SUM]
-            if self.payload_bytes is not None and len(body) != self.payload_bytes:
-                raise ValueError(f"payload of {len(body)} B, expected {self.payload_bytes} B")
+            tokens, body = record.unpack(path.read_bytes(), self.fingerprint, block_hash,
+                                         self.kv_format, self.payload_bytes)
             return tokens, self.decode(body)
+        except record.ForeignFormat:
+            self.num_skipped += 1
+            self._forget(block_hash)  # another engine's format: leave its file alone
         except FileNotFoundError:  # removed by another process sharing the folder
             self._forget(block_hash)
-            return None
-        except (OSError, ValueError, struct.error) as e:
+        except (OSError, ValueError) as e:
             log.warning("kv disk tier: dropping unreadable block file %s (%s)", path.name, e)
             self._forget(block_hash)
             path.unlink(missing_ok=True)
-            return None
+        return None
 
     def _forget(self, block_hash: bytes) -> None:
         with self.lock:
@@ -149,10 +133,8 @@ class DiskTier:
                     self.pending.pop(block_hash, None)
 
     def _write(self, block_hash: bytes, tokens: tuple[int, ...], payload: Any) -> None:
-        n = len(tokens)
-        data = (_HEAD.pack(MAGIC, self.fingerprint, block_hash, n, len(self.kv_format))
-                + self.kv_format + struct.pack(f"<{n}I", *tokens) + self.encode(payload))
-        data += hashlib.blake2b(data, digest_size=_SUM).digest()
+        data = record.pack(self.fingerprint, block_hash, self.kv_format, tokens,
+                           self.encode(payload))
         path = self.path(block_hash)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per writer process
         tmp.write_bytes(data)

@@ -83,11 +83,11 @@ class KVCacheManager:
         self.exact = ExactRepeatCache(num_exact_repeats)
         self.hash_fn = hash_fn
         self.stats = CacheStats()
-        # Evicted blocks for the runner to copy out before the next forward pass overwrites
-        # them: (block id, hash, token ids).
-        self.saves: list[tuple[int, bytes, tuple[int, ...]]] = []
+        # Blocks for the runner to copy out before the next forward pass can overwrite them:
+        # (block id, hash, token ids, evicted), evicted or new for the remote tier.
+        self.saves: list[tuple[int, bytes, tuple[int, ...], bool]] = []
         if self.tiers.enabled:
-            self.pool.on_evict = lambda b, h, t: self.saves.append((b, h, t))
+            self.pool.on_evict = lambda b, h, t: self.saves.append((b, h, t, True))
 
     @property
     def num_blocks(self) -> int:
@@ -122,14 +122,17 @@ class KVCacheManager:
             return hit
         bs, n = self.block_size, request.num_tokens
         hashes = self._hashes(request, n // bs)
+        tokens = [tuple(request.token_ids_slice(i * bs, (i + 1) * bs)) for i in range(len(hashes))]
+        in_tiers: list[str | None] = []
         for i, h in enumerate(hashes):
-            tokens = tuple(request.token_ids_slice(i * bs, (i + 1) * bs))
-            if (block_id := self.pool.lookup(h, tokens)) is not None:
-                hit.blocks.append(HitBlock(block_id, h, tokens, "device"))
-            elif tier := self.tiers.find(h, tokens):
-                hit.blocks.append(HitBlock(None, h, tokens, tier))
-            else:
+            if (block_id := self.pool.lookup(h, tokens[i])) is not None:
+                hit.blocks.append(HitBlock(block_id, h, tokens[i], "device"))
+                continue
+            if not in_tiers and self.tiers.enabled:  # the rest of the chain, asked at once
+                in_tiers = [None] * i + self.tiers.find_chain(hashes[i:], tokens[i:])
+            if not in_tiers or in_tiers[i] is None:
                 break
+            hit.blocks.append(HitBlock(None, h, tokens[i], in_tiers[i]))
         if len(hit.blocks) == len(hashes) and request.num_output_tokens == 0:
             hit.logits = self.exact.get(self._exact_key(request))
         if hit.logits is None:
@@ -196,11 +199,10 @@ class KVCacheManager:
 
     def _read_tier_blocks(self, hit: CacheHit) -> list[Any]:
         """Payloads of the hit's tier blocks; the hit ends before the first unreadable one."""
+        wanted = [i for i, b in enumerate(hit.blocks) if b.block_id is None]
+        got = self.tiers.read_many([hit.blocks[i][1:] for i in wanted])  # (hash, tokens, tier)
         payloads = []
-        for i, block in enumerate(hit.blocks):
-            if block.block_id is not None:
-                continue
-            payload = self.tiers.read(block.block_hash, block.token_ids, block.tier)
+        for i, payload in zip(wanted, got):
             if payload is None:
                 del hit.blocks[i:]
                 break
@@ -250,7 +252,10 @@ class KVCacheManager:
         hashes = self._hashes(request, num_full)
         for i in range(request.num_committed_blocks, num_full):
             tokens = tuple(request.token_ids_slice(i * bs, (i + 1) * bs))
-            self.pool.cache(request.block_table[i], hashes[i], tokens)
+            block_id = request.block_table[i]
+            self.pool.cache(block_id, hashes[i], tokens)
+            if self.tiers.wants_write_through(hashes[i]):  # copied out before it can change
+                self.saves.append((block_id, hashes[i], tokens, False))
         request.num_committed_blocks = num_full
 
     def free(self, request: CachedRequest) -> None:
@@ -267,11 +272,15 @@ class KVCacheManager:
     def wants_logits(self, request: CachedRequest) -> bool:
         return self.caches(request) and self.exact.capacity > 0
 
-    def store_evicted(self, block_hash: bytes, tokens: tuple[int, ...], payload: Any) -> None:
-        """The runner hands back an evicted block's content for the tiers."""
-        self.tiers.store(block_hash, tokens, payload)
+    def store_block(self, block_hash: bytes, tokens: tuple[int, ...], payload: Any,
+                    evicted: bool = True) -> None:
+        """The runner hands back a saved block's content: evicted, or new for the remote."""
+        if evicted:
+            self.tiers.store(block_hash, tokens, payload)
+        else:
+            self.tiers.write_through(block_hash, tokens, payload)
 
-    def take_saves(self) -> list[tuple[int, bytes, tuple[int, ...]]]:
+    def take_saves(self) -> list[tuple[int, bytes, tuple[int, ...], bool]]:
         saves, self.saves = self.saves, []
         return saves
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kvserve.cache.manager import KVCacheManager
 
-TIERS = ("device", "host", "disk", "exact_repeat")
+TIERS = ("device", "host", "disk", "remote", "exact_repeat")
 
 
 @dataclass

@@ -1,12 +1,15 @@
-"""The tiers below the device pool: host memory (LRU by bytes), then disk.
+"""The tiers below the device pool: host memory (LRU by bytes), disk, and a remote store.
 
 A block evicted from the device pool is offered to the host tier; what the host tier evicts
-goes to disk (or straight to disk when there is no host tier). Payloads are opaque here: the
-runner copies them out of and into the pool, the disk tier turns them into bytes.
+goes to disk (or straight to disk when there is no host tier). The remote tier (Redis or
+Valkey, shared by replicas) gets every full block as it is committed, and evicted blocks it
+does not have yet. Payloads are opaque here: the runner copies them out of and into the
+pool, the disk and remote tiers turn them into bytes.
 
-``TierStore`` is what the cache manager talks to: ``find`` answers whether a tier has a
-block (cheap, no read), ``read`` fetches and verifies its payload once blocks are allocated
-for it, ``store`` takes an evicted block.
+``TierStore`` is what the cache manager talks to: ``find_chain`` answers which tier has each
+block of a chain (no payload read; one round trip to the remote store), ``read_many``
+fetches and verifies the payloads once blocks are allocated for them, ``store`` takes an
+evicted block and ``write_through`` a newly committed one.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvserve.cache.disk_tier import DiskTier
+from kvserve.cache.remote_tier import RemoteTier
 
 
 @dataclass
@@ -63,45 +67,74 @@ class HostTier:
 
 
 class TierStore:
-    """Host then disk, searched in that order."""
+    """Host, then disk, then remote, searched in that order."""
 
     def __init__(self, host: HostTier | None = None, disk: DiskTier | None = None,
-                 block_bytes: int = 0) -> None:
-        self.host, self.disk = host, disk
+                 block_bytes: int = 0, remote: RemoteTier | None = None) -> None:
+        self.host, self.disk, self.remote = host, disk, remote
         self.block_bytes = block_bytes
         if host is not None and disk is not None:
             host.spill = disk.put
 
     @property
     def enabled(self) -> bool:
-        return self.host is not None or self.disk is not None
+        return any(t is not None for t in (self.host, self.disk, self.remote))
 
-    def find(self, block_hash: bytes, tokens: tuple[int, ...]) -> str | None:
-        """The first tier that has this block, without reading it."""
-        if self.host is not None and self.host.contains(block_hash, tokens):
-            return "host"
-        if self.disk is not None and self.disk.contains(block_hash):
-            return "disk"
-        return None
+    def find_chain(self, hashes: list[bytes], tokens: list[tuple[int, ...]]) -> list[str | None]:
+        """The first tier that has each block, without reading any."""
+        found: list[str | None] = []
+        for h, t in zip(hashes, tokens):
+            if self.host is not None and self.host.contains(h, t):
+                found.append("host")
+            elif self.disk is not None and self.disk.contains(h):
+                found.append("disk")
+            else:
+                found.append(None)
+        if self.remote is not None:
+            ask = [i for i, tier in enumerate(found) if tier is None]
+            for i, ok in zip(ask, self.remote.contains_many([hashes[i] for i in ask])):
+                found[i] = "remote" if ok else None
+        return found
 
-    def read(self, block_hash: bytes, tokens: tuple[int, ...], tier: str) -> Any | None:
-        """The verified payload, or None (unreadable, foreign or gone: a miss)."""
-        source = self.host if tier == "host" else self.disk
-        return None if source is None else source.get(block_hash, tokens)
+    def read_many(self, blocks: list[tuple[bytes, tuple[int, ...], str]]) -> list[Any | None]:
+        """The verified payload of each block, or None (unreadable, foreign or gone)."""
+        payloads: list[Any | None] = [None] * len(blocks)
+        remote = []
+        for i, (h, tokens, tier) in enumerate(blocks):
+            if tier == "remote":
+                remote.append(i)
+            else:
+                source = self.host if tier == "host" else self.disk
+                payloads[i] = None if source is None else source.get(h, tokens)
+        if remote and self.remote is not None:
+            got = self.remote.get_many([blocks[i][:2] for i in remote])
+            for i, payload in zip(remote, got):
+                payloads[i] = payload
+        return payloads
+
+    def wants_write_through(self, block_hash: bytes) -> bool:
+        return self.remote is not None and self.remote.wants(block_hash)
+
+    def write_through(self, block_hash: bytes, tokens: tuple[int, ...], payload: Any) -> None:
+        if self.remote is not None:
+            self.remote.put(block_hash, tokens, payload)
 
     def store(self, block_hash: bytes, tokens: tuple[int, ...], payload: Any) -> None:
         if self.host is not None:
             self.host.put(block_hash, Entry(tokens, payload, self.block_bytes))
         elif self.disk is not None:
             self.disk.put(block_hash, tokens, payload)
+        self.write_through(block_hash, tokens, payload)
 
     def clear(self) -> int:
+        """Drop what the host and disk tiers hold (the remote store is shared: left alone)."""
         return sum(t.clear() for t in (self.host, self.disk) if t is not None)
 
     def close(self) -> None:
-        """Flush the disk tier's queued writes and stop its writer."""
-        if self.disk is not None:
-            self.disk.close()
+        """Send the disk and remote tiers' queued writes and stop their writers."""
+        for tier in (self.disk, self.remote):
+            if tier is not None:
+                tier.close()
 
     def report(self) -> dict[str, dict]:
         tiers: dict[str, dict] = {}
@@ -113,4 +146,6 @@ class TierStore:
             tiers["disk"] = {"blocks_cached": len(d.files), "bytes": d.capacity_bytes,
                              "bytes_used": d.num_bytes, "enabled": d.enabled,
                              "records_skipped": d.num_skipped}
+        if self.remote is not None:
+            tiers["remote"] = self.remote.report()
         return tiers

@@ -20,6 +20,7 @@ import kvserve
 from kvserve import faults
 from kvserve.cache.disk_tier import DiskTier
 from kvserve.cache.manager import KVCacheManager
+from kvserve.cache.remote_tier import RemoteTier
 from kvserve.cache.stats import cache_report
 from kvserve.cache.tiers import HostTier, TierStore
 from kvserve.config import EngineConfig
@@ -58,18 +59,23 @@ def build_tiers(config: EngineConfig, fingerprint: str, kv_fmt: str, block_bytes
     host_bytes = config.kv_host_memory
     if host_bytes is None:
         host_bytes = 4 << 30 if device.type == "cuda" else 0
+
+    def decode(data: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype)
+
+    def encode(payload: torch.Tensor) -> bytes:
+        return payload.contiguous().view(torch.uint8).numpy().tobytes()
+
     disk = None
     if config.kv_disk_cache:
-        def decode(data: bytes) -> torch.Tensor:
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype)
-
-        def encode(payload: torch.Tensor) -> bytes:
-            return payload.contiguous().view(torch.uint8).numpy().tobytes()
-
         disk = DiskTier(config.kv_disk_cache, config.kv_disk_size, fingerprint, encode, decode,
                         kv_fmt, block_bytes)
+    remote = None
+    if config.kv_remote:
+        remote = RemoteTier(config.kv_remote, fingerprint, encode, decode, kv_fmt, block_bytes,
+                            config.kv_remote_ttl)
     host = HostTier(host_bytes) if host_bytes else None
-    return TierStore(host, disk, block_bytes)
+    return TierStore(host, disk, block_bytes, remote)
 
 
 @functools.cache
@@ -158,7 +164,16 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         result = self._execute(out)
-        return [self._output(r) for r in self.scheduler.update(out, result)]
+        outputs = [self._output(r) for r in self.scheduler.update(out, result)]
+        if not self.scheduler.has_unfinished() and self.kv.saves:
+            self._save_blocks()
+        return outputs
+
+    def _save_blocks(self) -> None:
+        """Going idle: copy the blocks the last step committed out to the remote tier now,
+        so other replicas can use them without waiting for this one's next request."""
+        out = SchedulerOutput(saves=self.scheduler.take_saves())
+        self.scheduler.store_saved(self._execute(out))
 
     def _execute(self, out: SchedulerOutput) -> RunnerOutput:
         """The runner keeps failures with their requests; should it still raise, run the
@@ -225,6 +240,11 @@ class Engine:
 
     def cache_stats(self) -> dict:
         return cache_report(self.kv)
+
+    def remote_tier_report(self) -> dict | None:
+        """The remote tier's figures (safe from any thread), or None without one."""
+        remote = self.kv.tiers.remote
+        return None if remote is None else remote.report()
 
     def clear_cache(self) -> int:
         """Drop every unreferenced cached block in every tier (never one in use)."""

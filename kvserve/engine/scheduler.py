@@ -102,7 +102,7 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(self._scheduled(request, num_new, loads))
             budget -= num_new
-        out.saves = [BlockSave(*save) for save in self.kv.take_saves()]
+        out.saves = self.take_saves()
         return out
 
     def _guarded(self, request: Request, fn, *args):
@@ -174,8 +174,7 @@ class Scheduler:
         now = time.perf_counter()
         self.stats.num_steps += 1
         news, self._failed = self._failed, []
-        for save, payload in result.saved:
-            self.kv.store_evicted(save.block_hash, save.token_ids, payload)
+        self.store_saved(result)
         for s in out.scheduled:
             request = self.requests.get(s.request_id)
             if request is None:
@@ -199,6 +198,13 @@ class Scheduler:
             self._append_token(request, token, result.logprobs.get(s.request_id), now)
             news.append(request)
         return news
+
+    def take_saves(self) -> list[BlockSave]:
+        return [BlockSave(*save) for save in self.kv.take_saves()]
+
+    def store_saved(self, result: RunnerOutput) -> None:
+        for save, payload in result.saved:
+            self.kv.store_block(save.block_hash, save.token_ids, payload, save.evicted)
 
     def _append_token(self, request: Request, token: int, logprobs: dict | None,
                       now: float) -> None:

@@ -26,6 +26,8 @@ def build_app(engine: Engine, *, served_model_name: str | None = None,
               api_key: str | None = None, max_waiting: int | None = None) -> FastAPI:
     """The app; its engine loop runs while the app does (the lifespan starts and stops it)."""
     metrics = ServerMetrics()
+    if engine.remote_tier_report() is not None:
+        metrics.watch_remote_tier(engine.remote_tier_report)
     ctx = ServerContext(
         engine=AsyncEngine(engine, metrics, max_waiting), metrics=metrics,
         tokenizer=engine.tokenizer, model_name=served_model_name or engine.model_config.name,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvserve.engine.output import RequestOutput
 
@@ -49,6 +52,9 @@ class ServerMetrics:
                                       "Prompt tokens looked up in the prefix cache", registry=r)
         self.prefix_hit = Counter("kvserve_prefix_cache_hit_tokens",
                                   "Prompt tokens found in the prefix cache", registry=r)
+        self.tier_hit = Counter("kvserve_prefix_cache_tier_hit_tokens",
+                                "Prompt tokens found in the prefix cache, by where they were",
+                                ["tier"], registry=r)
         self.prompt_tokens = Counter("kvserve_prompt_tokens", "Prompt tokens of started requests",
                                      registry=r)
         self.generation_tokens = Counter("kvserve_generation_tokens", "Tokens generated",
@@ -82,6 +88,9 @@ class ServerMetrics:
         self.prompt_tokens.inc(num_prompt_tokens)
         self.prefix_queried.inc(num_prompt_tokens)
         self.prefix_hit.inc(out.num_cached_tokens)
+        for tier, num in out.cached_tokens_by_tier.items():
+            if tier != "exact_repeat":
+                self.tier_hit.labels(tier=tier).inc(num)
         self.ttft.observe(ttft)
         if out.num_cached_tokens:
             self.num_requests_hit += 1
@@ -95,6 +104,10 @@ class ServerMetrics:
         self.kv_blocks_used.set(num_blocks_used)
         self.kv_usage.set(usage)
 
+    def watch_remote_tier(self, report: Callable[[], dict[str, Any]]) -> None:
+        """Export the remote tier's own figures (``report`` is thread-safe)."""
+        self.registry.register(_RemoteTierCollector(report))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -104,3 +117,22 @@ def _log_finished(out: RequestOutput, times: RequestTimes, now: float) -> None:
     log.info("%s: %d prompt tokens (%d cached), %d generated, TTFT %s, total %.0f ms, %s",
              out.request_id, len(out.prompt_token_ids), out.num_cached_tokens,
              len(out.token_ids), ttft, (now - times.submit_time) * 1000, out.finish_reason)
+
+
+class _RemoteTierCollector:
+    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
+        self.report = report
+
+    def collect(self):
+        figures = self.report()
+        yield GaugeMetricFamily("kvserve_kv_remote_up", "1 while the remote KV store answers",
+                                value=int(figures["up"]))
+        for name, help_text in (("blocks_read", "Blocks loaded from the remote store"),
+                                ("bytes_read", "Bytes loaded from the remote store"),
+                                ("blocks_written", "Blocks written to the remote store"),
+                                ("bytes_written", "Bytes written to the remote store"),
+                                ("bad_records", "Remote values ignored: corrupt or foreign"),
+                                ("errors", "Failed calls to the remote store"),
+                                ("load_seconds", "Time spent loading from the remote store")):
+            yield CounterMetricFamily(f"kvserve_kv_remote_{name}", help_text,
+                                      value=figures[name])

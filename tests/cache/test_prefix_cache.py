@@ -118,9 +118,9 @@ def test_evicted_blocks_move_to_the_host_tier_and_load_back():
     b = req(range(200, 209), rid="b")
     run_prompt(kv, b)  # needs all 3 blocks: a's two cached blocks are evicted
     saves = kv.take_saves()
-    assert [s[0] for s in saves] == [1, 0]
-    for block_id, h, tokens in saves:  # the runner copies the content out
-        kv.store_evicted(h, tokens, f"kv-of-block-{block_id}")
+    assert [s[0] for s in saves] == [1, 0] and all(s[3] for s in saves)  # both evicted
+    for block_id, h, tokens, _ in saves:  # the runner copies the content out
+        kv.store_block(h, tokens, f"kv-of-block-{block_id}")
     kv.free(b)
     a2 = req(range(100, 109), rid="a2")
     hit = kv.lookup(a2)
@@ -279,7 +279,7 @@ def test_dropping_a_failed_load_releases_its_blocks_unindexed():
     kv.free(a)
     kv.clear()  # the device copies are gone; the host tier gets both blocks
     for i, h in enumerate(a.block_hashes[:2]):
-        kv.store_evicted(h, tuple(range(100 + 4 * i, 104 + 4 * i)), f"kv-{i}")
+        kv.store_block(h, tuple(range(100 + 4 * i, 104 + 4 * i)), f"kv-{i}")
     a2 = req(range(100, 109), rid="a2")
     hit = kv.lookup(a2)
     assert kv.allocate_slots(a2, 1, hit) and a2.num_computed_tokens == 8
