@@ -123,7 +123,13 @@ void tile(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t m0, const O
     for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < a.k / 32; ++b) {
+    const int64_t num_blocks = a.k / 32;
+    // The hardware prefetcher loses track of NR interleaved rows: fetch the next tile ahead.
+    const uint8_t* next = w + NR * row_bytes;
+    const int64_t ahead = (NR * row_bytes + num_blocks - 1) / num_blocks;
+    for (int64_t b = 0; b < num_blocks; ++b) {
+        for (int64_t off = 0; off < ahead; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(next + b * ahead + off), _MM_HINT_T0);
         Block blocks[NR];
 #pragma GCC unroll 8
         for (int r = 0; r < NR; ++r) decode<T>(w + r * row_bytes, b, blocks[r]);
@@ -194,18 +200,17 @@ struct Call {
     Out out;
 };
 
-void quantize_job(void* ctx, int t, int n) {
+constexpr int64_t kChunkCols = 32;  // columns per unit of work shared out to the threads
+
+void quantize_task(void* ctx, int64_t row) {
     const Call& c = *static_cast<const Call*>(ctx);
-    for (int64_t m = t; m < c.num_rows; m += n) {
-        if (c.x_dtype == 0) quantize_row(static_cast<const float*>(c.x) + m * c.act.k, c.act, m);
-        else quantize_row(static_cast<const uint16_t*>(c.x) + m * c.act.k, c.act, m);
-    }
+    if (c.x_dtype == 0) quantize_row(static_cast<const float*>(c.x) + row * c.act.k, c.act, row);
+    else quantize_row(static_cast<const uint16_t*>(c.x) + row * c.act.k, c.act, row);
 }
 
-void matmul_job(void* ctx, int t, int n) {
+void matmul_task(void* ctx, int64_t chunk) {
     const Call& c = *static_cast<const Call*>(ctx);
-    const int64_t per = ((c.num_cols + n - 1) / n + 3) / 4 * 4;
-    const int64_t lo = std::min(c.num_cols, t * per), hi = std::min(c.num_cols, lo + per);
+    const int64_t lo = chunk * kChunkCols, hi = std::min(c.num_cols, lo + kChunkCols);
     int64_t col0 = 0;
     for (int p = 0; p < c.num_parts; col0 += c.part_rows[p], ++p) {
         const int64_t a = std::max(lo, col0) - col0;
@@ -251,10 +256,10 @@ int kvserve_quant_matmul(int x_dtype, const void* x, int64_t m, int64_t k, int n
             reinterpret_cast<float*>(base + 2 * m * k), reinterpret_cast<float*>(base + 3 * m * k)};
     Call call{x, x_dtype, m, num_cols, num_parts, types, weights, part_rows, act,
               Out{out, out_dtype, num_cols}};
-    num_threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, (num_cols + 3) / 4)));
-    if (m >= 8) kvserve::parallel(quantize_job, &call, num_threads);
-    else quantize_job(&call, 0, 1);
-    kvserve::parallel(matmul_job, &call, num_threads);
+    if (m >= 8) kvserve::parallel_for(quantize_task, &call, m, num_threads);
+    else for (int64_t row = 0; row < m; ++row) quantize_task(&call, row);
+    kvserve::parallel_for(matmul_task, &call, (num_cols + kChunkCols - 1) / kChunkCols,
+                          num_threads);
     return 0;
 }
 
