@@ -36,16 +36,27 @@ def native_types() -> frozenset[GGMLQuantizationType]:
     return NATIVE_TYPES if quant_kernel() is not None else frozenset()
 
 
+class _Weight(ctypes.Structure):
+    """csrc/quant_matmul.cpp's Weight: row blocks stacked, each in its own type."""
+
+    _fields_ = [("k", ctypes.c_int64), ("num_parts", ctypes.c_int64),
+                ("types", ctypes.POINTER(ctypes.c_int)),
+                ("weights", ctypes.POINTER(ctypes.c_void_p)),
+                ("rows", ctypes.POINTER(ctypes.c_int64))]
+
+
 class QuantKernel:
     """ctypes front of csrc/quant_matmul.cpp."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         c = ctypes
+        self.check_fn = lib.kvserve_quant_check
+        self.check_fn.argtypes = [c.c_void_p]
+        self.check_fn.restype = c.c_int
         self.matmul_fn = lib.kvserve_quant_matmul
-        self.matmul_fn.argtypes = [c.c_int, c.c_void_p, c.c_int64, c.c_int64, c.c_int,
-                                   c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_void_p,
+        self.matmul_fn.argtypes = [c.c_void_p, c.c_int, c.c_void_p, c.c_int64, c.c_void_p,
                                    c.c_int]
-        self.matmul_fn.restype = c.c_int
+        self.matmul_fn.restype = None
         self.rows_fn = lib.kvserve_quant_dequantize_rows
         self.rows_fn.argtypes = [c.c_int, c.c_void_p, c.c_int64, c.c_void_p, c.c_int64,
                                  c.c_void_p]
@@ -89,23 +100,20 @@ class QuantLinear(nn.Module):
         self._types = (ctypes.c_int * n)(*(int(p.qtype) for p in parts))
         self._ptrs = (ctypes.c_void_p * n)(*(p.data.ctypes.data for p in parts))
         self._rows = (ctypes.c_int64 * n)(*(p.shape[0] for p in parts))
+        self._weight = _Weight(self.in_features, n, self._types, self._ptrs, self._rows)
+        self._weight_ptr = ctypes.addressof(self._weight)
+        if kernel.check_fn(self._weight_ptr) != 0:
+            types = [p.qtype.name for p in parts]
+            raise ValueError(f"no native kernel for {types} with {self.in_features} columns")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype not in _DTYPE_CODES:  # float16 and others: compute in float32
-            x = x.float()
-        x = x.contiguous()
-        rows = x.numel() // self.in_features
-        y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
-        code = _DTYPE_CODES[x.dtype]
-        rc = self.kernel.matmul_fn(code, x.data_ptr(), rows, self.in_features, len(self.parts),
-                                   self._types, self._ptrs, self._rows, code, y.data_ptr(),
-                                   torch.get_num_threads())
-        if rc != 0:
-            types = [p.qtype.name for p in self.parts]
-            raise ValueError(f"quantized matmul: unsupported {types} or {self.in_features} cols")
-        y = y if self.bias is None else y + self.bias
-        return y.to(dtype)
+        code = _DTYPE_CODES.get(x.dtype)
+        if code is None or not x.is_contiguous():  # float16 and others: compute in float32
+            return self.forward(x.float().contiguous()).to(x.dtype)
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        self.kernel.matmul_fn(self._weight_ptr, code, x.data_ptr(), x.numel() // self.in_features,
+                              y.data_ptr(), torch.get_num_threads())
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         types = "+".join(p.qtype.name for p in self.parts)

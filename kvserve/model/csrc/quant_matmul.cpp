@@ -23,14 +23,19 @@ namespace {
 
 using namespace kvserve::quant;
 
-// The activations, quantized: per row of K values, K int8, K/2 int16 sums of adjacent pairs,
-// K/4 floats d * (sum of 4 consecutive), K/32 scales d.
+// The activations, quantized: each row of k values as pairs of blocks of 32, in the order
+// of Pair (quant_blocks.h): per pair 64 int8 (lo then hi), 32 int16 sums of adjacent values
+// (for Q6_K's offset) and coef = [d_b, d_b * sum(q_b), d_b+1, d_b+1 * sum(q_b+1)].
 struct Act {
-    int64_t k;
+    int64_t num_blocks, num_pairs;
     int8_t* qs;
     int16_t* pair_sums;
-    float* quad_sums;
-    float* scales;
+    float* coef;
+    const int8_t* x(int64_t row, int64_t pair) const { return qs + (row * num_pairs + pair) * 64; }
+    const int16_t* sums(int64_t row, int64_t pair) const {
+        return pair_sums + (row * num_pairs + pair) * 32;
+    }
+    const float* c(int64_t row, int64_t pair) const { return coef + (row * num_pairs + pair) * 4; }
 };
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -46,62 +51,96 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// One block of 32 values -> 32 int8 in order (round to nearest even), its scale and sum.
+template <typename X>
+__m256i quantize_block(const X* x, float& scale, float& scaled_sum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+        v[i] = load8(x + i * 8);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float top = _mm_cvtss_f32(m);
+    scale = top / 127.0f;
+    const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i)
+        q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // The packs work within 128-bit lanes; the permute puts the 4-byte groups back in order.
+    __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                        _mm256_packs_epi32(q[2], q[3]));
+    packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), packed),
+                                           _mm256_set1_epi16(1));
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    scaled_sum = scale * float(_mm_cvtsi128_si32(s));
+    return packed;
+}
+
 template <typename X>
 void quantize_row(const X* x, const Act& a, int64_t row) {
-    const int64_t k = a.k;
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int64_t b = 0; b < k / 32; ++b) {
-        __m256 v[4];
-        __m256 amax = _mm256_setzero_ps();
-        for (int i = 0; i < 4; ++i) {
-            v[i] = load8(x + b * 32 + i * 8);
-            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-        }
-        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        const float top = _mm_cvtss_f32(m);
-        const float d = top / 127.0f;
-        const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-        __m256i q[4];
-        for (int i = 0; i < 4; ++i)
-            q[i] = _mm256_cvtps_epi32(
-                _mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        // The packs work within 128-bit lanes; the permute puts the 4-byte groups back in order.
-        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
-                                            _mm256_packs_epi32(q[2], q[3]));
-        packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        const int64_t at = row * k + b * 32;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.qs + at), packed);
-        const __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), packed);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.pair_sums + at / 2), pairs);
-        const __m256i quads = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-        _mm256_storeu_ps(a.quad_sums + at / 4, _mm256_mul_ps(_mm256_cvtepi32_ps(quads),
-                                                             _mm256_set1_ps(d)));
-        a.scales[at / 32] = d;
+    for (int64_t pair = 0; pair < a.num_pairs; ++pair) {
+        const int64_t b = 2 * pair;
+        float d0, s0, d1 = 0.0f, s1 = 0.0f;
+        const __m256i q0 = quantize_block(x + b * 32, d0, s0);
+        const __m256i q1 = b + 1 < a.num_blocks ? quantize_block(x + b * 32 + 32, d1, s1)
+                                                : _mm256_setzero_si256();
+        const __m256i lo = _mm256_permute2x128_si256(q0, q1, 0x20);
+        const __m256i hi = _mm256_permute2x128_si256(q0, q1, 0x31);
+        int8_t* qs = const_cast<int8_t*>(a.x(row, pair));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs), lo);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs + 32), hi);
+        int16_t* sums = const_cast<int16_t*>(a.sums(row, pair));
+        const __m256i ones = _mm256_set1_epi8(1);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums), _mm256_maddubs_epi16(ones, lo));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + 16), _mm256_maddubs_epi16(ones, hi));
+        _mm_storeu_ps(const_cast<float*>(a.c(row, pair)), _mm_setr_ps(d0, s0, d1, s1));
     }
 }
 
-// One (weight block, activation block) pair into a row's accumulator.
+template <int T> constexpr bool kHasMin = T == Q4_0 || T == Q4_1 || T == Q5_0 || T == Q4_K;
+
+// One pair of weight blocks against one row's pair of activation blocks. acc gathers the
+// scaled integer dot products (lanes 0..3 block b, 4..7 block b+1); lanes 1 and 3 of min_acc
+// gather m * d_x * sum(q_x), the part of the dot product that the offsets m contribute.
 template <int T>
-inline __m256 step(const Block& w, const Act& a, int64_t at, __m256 acc) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qs + at));
+inline void step(const Pair& w, const Act& a, int64_t row, int64_t pair, __m256& acc,
+                 __m128& min_acc) {
+    const int8_t* xp = a.x(row, pair);
+    const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+    const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i dot;
-    if constexpr (T == Q8_0) {
-        dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w.q, _mm256_sign_epi8(x, w.aux)), ones);
-    } else if constexpr (T == Q4_1 || T == Q4_K) {
-        dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w.q, x), ones);
-    } else {  // unsigned q with an offset: subtract offset * (pair sums of x), exactly
-        constexpr int shift = T == Q4_0 ? 3 : T == Q5_0 ? 4 : 5;
-        const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.pair_sums + at / 2));
-        const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(w.q, x), _mm256_slli_epi16(pairs, shift));
-        dot = _mm256_madd_epi16(p, T == Q6_K ? w.aux : ones);
+    if constexpr (T == Q8_0) {  // |w| * (x with w's sign); pairs of products fit int16
+        dot = _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w.lo, _mm256_sign_epi8(xl, w.lo_aux)), ones),
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w.hi, _mm256_sign_epi8(xh, w.hi_aux)), ones));
+    } else if constexpr (T == Q6_K) {  // (q - 32) * x = q * x - 32 * x, per 16 with its scale
+        const int16_t* sums = a.sums(row, pair);
+        const __m256i sl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums));
+        const __m256i sh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + 16));
+        dot = _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w.lo, xl),
+                                               _mm256_slli_epi16(sl, 5)), w.lo_aux),
+            _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w.hi, xh),
+                                               _mm256_slli_epi16(sh, 5)), w.hi_aux));
+    } else {  // q <= 31: two pairs of products fit int16
+        dot = _mm256_madd_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(w.lo, xl), _mm256_maddubs_epi16(w.hi, xh)),
+            ones);
     }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(w.d * a.scales[at / 32]), _mm256_cvtepi32_ps(dot), acc);
-    if constexpr (T == Q4_1 || T == Q4_K)
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(w.m), _mm256_loadu_ps(a.quad_sums + at / 4), acc);
-    return acc;
+    const __m128 prod = _mm_mul_ps(w.coef, _mm_loadu_ps(a.c(row, pair)));
+    const __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(prod),
+                                                  _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+    acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc);
+    if constexpr (kHasMin<T>) min_acc = _mm_add_ps(min_acc, prod);
 }
 
 struct Out {
@@ -114,35 +153,45 @@ struct Out {
     }
 };
 
-// NR weight rows x MR activation rows, over the whole K.
+// NR weight rows x MR activation rows, over the whole k.
 template <int T, int NR, int MR>
 void tile(const uint8_t* w, int64_t row_bytes, const Act& a, int64_t m0, const Out& out,
           int64_t col) {
     __m256 acc[NR][MR];
+    __m128 min_acc[NR][MR];
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 8
-        for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_setzero_ps();
-    const int64_t num_blocks = a.k / 32;
+        for (int i = 0; i < MR; ++i) {
+            acc[r][i] = _mm256_setzero_ps();
+            min_acc[r][i] = _mm_setzero_ps();
+        }
     // The hardware prefetcher loses track of NR interleaved rows: fetch the next tile ahead.
     const uint8_t* next = w + NR * row_bytes;
-    const int64_t ahead = (NR * row_bytes + num_blocks - 1) / num_blocks;
-    for (int64_t b = 0; b < num_blocks; ++b) {
+    const int64_t ahead = (NR * row_bytes + a.num_pairs - 1) / a.num_pairs;
+    for (int64_t pair = 0; pair < a.num_pairs; ++pair) {
         for (int64_t off = 0; off < ahead; off += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(next + b * ahead + off), _MM_HINT_T0);
-        Block blocks[NR];
+            _mm_prefetch(reinterpret_cast<const char*>(next + pair * ahead + off), _MM_HINT_T0);
+        const bool alone = 2 * pair + 1 == a.num_blocks;
 #pragma GCC unroll 8
-        for (int r = 0; r < NR; ++r) decode<T>(w + r * row_bytes, b, blocks[r]);
+        for (int r = 0; r < NR; ++r) {
+            Pair p;
+            decode_pair<T>(w + r * row_bytes, 2 * pair, alone, p);
 #pragma GCC unroll 8
-        for (int i = 0; i < MR; ++i) {
-            const int64_t at = (m0 + i) * a.k + b * 32;
-#pragma GCC unroll 8
-            for (int r = 0; r < NR; ++r) acc[r][i] = step<T>(blocks[r], a, at, acc[r][i]);
+            for (int i = 0; i < MR; ++i) step<T>(p, a, m0 + i, pair, acc[r][i], min_acc[r][i]);
         }
     }
     for (int r = 0; r < NR; ++r)
-        for (int i = 0; i < MR; ++i) out.put(m0 + i, col + r, hsum(acc[r][i]));
+        for (int i = 0; i < MR; ++i) {
+            const __m128 m = min_acc[r][i];
+            const float offsets = _mm_cvtss_f32(_mm_add_ss(_mm_movehdup_ps(m),
+                                                           _mm_movehl_ps(m, _mm_movehdup_ps(m))));
+            out.put(m0 + i, col + r, hsum(acc[r][i]) + offsets);
+        }
 }
+
+
+
 
 constexpr int64_t kRowChunk = 64;  // activation rows kept hot in L2 while the weights stream
 
@@ -204,8 +253,9 @@ constexpr int64_t kChunkCols = 32;  // columns per unit of work shared out to th
 
 void quantize_task(void* ctx, int64_t row) {
     const Call& c = *static_cast<const Call*>(ctx);
-    if (c.x_dtype == 0) quantize_row(static_cast<const float*>(c.x) + row * c.act.k, c.act, row);
-    else quantize_row(static_cast<const uint16_t*>(c.x) + row * c.act.k, c.act, row);
+    const int64_t k = c.act.num_blocks * 32;
+    if (c.x_dtype == 0) quantize_row(static_cast<const float*>(c.x) + row * k, c.act, row);
+    else quantize_row(static_cast<const uint16_t*>(c.x) + row * k, c.act, row);
 }
 
 void matmul_task(void* ctx, int64_t chunk) {
@@ -217,7 +267,7 @@ void matmul_task(void* ctx, int64_t chunk) {
         const int64_t b = std::min(hi, col0 + c.part_rows[p]) - col0;
         if (a >= b) continue;
         const uint8_t* w = c.weights[p];
-        const int64_t rb = row_bytes_of(c.types[p], c.act.k);
+        const int64_t rb = row_bytes_of(c.types[p], c.act.num_blocks * 32);
         switch (c.types[p]) {
             case Q4_0: run_part<Q4_0>(w, rb, a, b, c.act, c.num_rows, c.out, col0); break;
             case Q4_1: run_part<Q4_1>(w, rb, a, b, c.act, c.num_rows, c.out, col0); break;
@@ -235,32 +285,43 @@ extern "C" {
 
 int kvserve_quant_available() { return 1; }
 
-// x [m, k] (x_dtype 0 float32, 1 bfloat16), contiguous; the weight is num_parts row blocks
-// stacked (a fused projection), part p of types[p] with part_rows[p] rows of k weights;
-// out [m, sum(part_rows)] contiguous, out_dtype as x_dtype. Returns 0, or -1 when a type or k
-// is not supported (nothing written).
-int kvserve_quant_matmul(int x_dtype, const void* x, int64_t m, int64_t k, int num_parts,
-                         const int* types, const uint8_t* const* weights,
-                         const int64_t* part_rows, int out_dtype, void* out, int num_threads) {
-    if ((x_dtype != 0 && x_dtype != 1) || (out_dtype != 0 && out_dtype != 1) || k <= 0) return -1;
+// A weight of num_parts row blocks stacked (a fused projection): part p has rows[p] rows of k
+// weights of types[p], at weights[p].
+struct Weight {
+    int64_t k;
+    int64_t num_parts;
+    const int* types;
+    const uint8_t* const* weights;
+    const int64_t* rows;
+};
+
+// 0 if every part's type and k are supported, else -1.
+int kvserve_quant_check(const Weight* w) {
+    for (int64_t p = 0; p < w->num_parts; ++p)
+        if (!supported(w->types[p], w->k)) return -1;
+    return 0;
+}
+
+// out [m, sum(rows)] = x [m, k] @ w^T, x and out contiguous, dtype 0 float32 or 1 bfloat16
+// for both. The weight must have passed kvserve_quant_check.
+void kvserve_quant_matmul(const Weight* w, int dtype, const void* x, int64_t m, void* out,
+                          int num_threads) {
     int64_t num_cols = 0;
-    for (int p = 0; p < num_parts; ++p) {
-        if (!supported(types[p], k)) return -1;
-        num_cols += part_rows[p];
-    }
-    if (m <= 0 || num_cols == 0) return 0;
+    for (int64_t p = 0; p < w->num_parts; ++p) num_cols += w->rows[p];
+    if (m <= 0 || num_cols == 0) return;
+    const int64_t num_blocks = w->k / 32, num_pairs = (num_blocks + 1) / 2;
     thread_local std::vector<uint8_t> buffer;
-    buffer.resize(size_t(m * k) * 4 + size_t(m * (k / 32)) * 4 + 64);
+    buffer.resize(size_t(m * num_pairs) * (64 + 64 + 16));
     uint8_t* base = buffer.data();
-    Act act{k, reinterpret_cast<int8_t*>(base), reinterpret_cast<int16_t*>(base + m * k),
-            reinterpret_cast<float*>(base + 2 * m * k), reinterpret_cast<float*>(base + 3 * m * k)};
-    Call call{x, x_dtype, m, num_cols, num_parts, types, weights, part_rows, act,
-              Out{out, out_dtype, num_cols}};
+    Act act{num_blocks, num_pairs, reinterpret_cast<int8_t*>(base),
+            reinterpret_cast<int16_t*>(base + m * num_pairs * 64),
+            reinterpret_cast<float*>(base + m * num_pairs * 128)};
+    Call call{x, dtype, m, num_cols, int(w->num_parts), w->types, w->weights, w->rows, act,
+              Out{out, dtype, num_cols}};
     if (m >= 8) kvserve::parallel_for(quantize_task, &call, m, num_threads);
     else for (int64_t row = 0; row < m; ++row) quantize_task(&call, row);
     kvserve::parallel_for(matmul_task, &call, (num_cols + kChunkCols - 1) / kChunkCols,
                           num_threads);
-    return 0;
 }
 
 // Rows ids[i] of a [rows, k] weight of `type`, dequantized to float32 into out [n, k].
@@ -289,8 +350,8 @@ int kvserve_quant_dequantize_rows(int type, const uint8_t* w, int64_t k, const i
 
 extern "C" {
 int kvserve_quant_available() { return 0; }
-int kvserve_quant_matmul(int, const void*, int64_t, int64_t, int, const int*,
-                         const uint8_t* const*, const int64_t*, int, void*, int) { return -1; }
+int kvserve_quant_check(const void*) { return -1; }
+void kvserve_quant_matmul(const void*, int, const void*, int64_t, void*, int) {}
 int kvserve_quant_dequantize_rows(int, const uint8_t*, int64_t, const int64_t*, int64_t,
                                   float*) { return -1; }
 }
