@@ -44,12 +44,13 @@ def reference(weight: QuantTensor, x: torch.Tensor) -> np.ndarray:
 def tolerance(weight: QuantTensor, x: torch.Tensor) -> np.ndarray:
     """The activation rounding bound, plus float32 rounding.
 
-    Each row of x is quantized per block of 32 to d * q, q = round(x / d), d = max|x| / 127, so
-    each value moves by at most d / 2: the result by at most sum over blocks of d / 2 * sum|w|.
+    Each row of x is quantized per block of 32 to d * q, q = round(x / d), d = max|x| / 32767,
+    so each value moves by at most d / 2: the result by at most sum over blocks of
+    d / 2 * sum|w|. Float32 rounding: the products and sums, relative 1e-5 of their magnitude.
     """
     w = np.abs(dequantize(weight.data, weight.qtype).astype(np.float64))
     ax = np.abs(x.double().numpy())
-    half_step = ax.reshape(len(ax), -1, 32).max(-1) / 127 / 2 * 1.001  # [M, blocks]
+    half_step = ax.reshape(len(ax), -1, 32).max(-1) / 32767 / 2 * 1.001  # [M, blocks]
     w_sums = w.reshape(len(w), -1, 32).sum(-1)  # [N, blocks]
     return half_step @ w_sums.T + 1e-5 * (ax @ (w + w.max()).T)
 
@@ -82,13 +83,13 @@ def test_matches_dequantized_float64_matmul(kernel, qtype, num_rows):
 @needs_compiler
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_exact_on_activations_that_quantize_exactly(kernel, qtype):
-    """Integers with a +-127 in each block are their own 8-bit quantization: only float32
+    """Integers with a 32767 in each block are their own 16-bit quantization: only float32
     rounding remains, so a wrong bit anywhere in the unpacking shows."""
     cols = shapes_for(qtype)[0]
     weight = random_weight(qtype, 70, cols, seed=1)
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(-127, 128, (3, cols), generator=g).float()
-    x.view(3, -1, 32)[:, :, 7] = 127.0
+    x = torch.randint(-32767, 32768, (3, cols), generator=g).float()
+    x.view(3, -1, 32)[:, :, 7] = 32767.0
     got = QuantLinear([weight], kernel)(x).double().numpy()
     w = np.abs(dequantize(weight.data, weight.qtype).astype(np.float64))
     slack = 1e-5 * (np.abs(x.double().numpy()) @ (w + w.max()).T)

@@ -1,5 +1,5 @@
 // GGUF block formats (ggml's layouts, as gguf.quants reads them) for the quantized matmuls:
-// each type unpacks two consecutive blocks of 32 weights into small integers and the float
+// each type unpacks two consecutive blocks of 32 weights into 16-bit integers and the float
 // factors that turn them back into weights, and dequantizes whole rows to float for lookups.
 //
 //   type  block  bytes  weight                       layout
@@ -38,37 +38,27 @@ inline float f16(const uint8_t* p) {
 }
 
 // Two consecutive blocks b, b+1 of 32 weights (b even), as the integer dot product of
-// quant_matmul.cpp takes them: `lo` holds weights 0..15 of both blocks, `hi` weights 16..31
-//   lo = [b: 0..15 | b+1: 0..15],  hi = [b: 16..31 | b+1: 16..31]
-// (the activations are laid out the same way), and coef = [d_b, m_b, d_b+1, m_b+1]: weight
-// i = d * q_i + m. Q8_0: lo/hi hold |q| and lo_aux/hi_aux the signed q; Q6_K: the weight is
-// d * (q - 32) times the int16 scale of its 16 weights, in lo_aux / hi_aux. A lone last block
-// (an odd number of blocks) has zeros in place of b+1.
+// quant_matmul.cpp takes them: w[0..3] = weights 0..15 and 16..31 of block b, then of b+1, as
+// int16, and coef = [d_b, m_b, d_b+1, m_b+1]: weight = d * w + m (Q6_K: w already carries the
+// int8 scale of its 16 weights). A lone last block (an odd number of blocks) leaves b+1 zero.
 struct Pair {
-    __m256i lo, hi, lo_aux, hi_aux;
+    __m256i w[4];
     __m128 coef;
 };
 
-inline __m256i load32(const uint8_t* p) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+inline __m256i widen(const uint8_t* p) {  // 16 bytes -> 16 uint16
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-inline __m128i load16(const uint8_t* p) {
-    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+inline __m256i widen_signed(const uint8_t* p) {  // 16 int8 -> 16 int16
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Nibble bytes of two blocks (16 each; the second zero when alone) -> lo, hi.
-inline void split_nibbles(__m128i first, __m128i second, Pair& w) {
-    const __m256i bytes = _mm256_set_m128i(second, first);
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    w.lo = _mm256_and_si256(bytes, mask);
-    w.hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
-}
-
-// Two blocks of 32 values in order -> lo, hi.
-inline void interleave(__m256i first, __m256i second, Pair& w) {
-    w.lo = _mm256_permute2x128_si256(first, second, 0x20);
-    w.hi = _mm256_permute2x128_si256(first, second, 0x31);
+// 16 nibble bytes, widened: the low nibbles are weights 0..15, the high ones 16..31.
+inline void nibbles(const uint8_t* p, __m256i& low, __m256i& high) {
+    const __m256i v = widen(p);
+    low = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+    high = _mm256_srli_epi16(v, 4);
 }
 
 inline __m128 halves(uint16_t a, uint16_t b, uint16_t c, uint16_t d) {
@@ -81,12 +71,16 @@ inline uint16_t u16(const uint8_t* p) {
     return v;
 }
 
+inline void zero_second(Pair& w) { w.w[2] = w.w[3] = _mm256_setzero_si256(); }
+
 template <int T> inline void decode_pair(const uint8_t* row, int64_t b, bool alone, Pair& w);
 
-// Q4_0 and Q5_0 become d * q + m with m = -8 d or -16 d (exact in float).
+// Q4_0 and Q5_0 are taken as d * q + m with m = -8 d or -16 d (exact in float).
 template <> inline void decode_pair<Q4_0>(const uint8_t* row, int64_t b, bool alone, Pair& w) {
     const uint8_t* p = row + b * 18;
-    split_nibbles(load16(p + 2), alone ? _mm_setzero_si128() : load16(p + 20), w);
+    nibbles(p + 2, w.w[0], w.w[1]);
+    if (alone) zero_second(w);
+    else nibbles(p + 20, w.w[2], w.w[3]);
     const __m128 d = halves(u16(p), 0, alone ? 0 : u16(p + 18), 0);
     w.coef = _mm_mul_ps(_mm_movelh_ps(_mm_unpacklo_ps(d, d), _mm_unpackhi_ps(d, d)),
                         _mm_setr_ps(1.0f, -8.0f, 1.0f, -8.0f));
@@ -94,30 +88,30 @@ template <> inline void decode_pair<Q4_0>(const uint8_t* row, int64_t b, bool al
 
 template <> inline void decode_pair<Q4_1>(const uint8_t* row, int64_t b, bool alone, Pair& w) {
     const uint8_t* p = row + b * 20;
-    split_nibbles(load16(p + 4), alone ? _mm_setzero_si128() : load16(p + 24), w);
+    nibbles(p + 4, w.w[0], w.w[1]);
+    if (alone) zero_second(w);
+    else nibbles(p + 24, w.w[2], w.w[3]);
     w.coef = halves(u16(p), u16(p + 2), alone ? 0 : u16(p + 20), alone ? 0 : u16(p + 22));
 }
 
-inline __m256i bit4_from_mask(uint32_t bits) {  // bit i of bits -> 16 in byte i, else 0
-    const __m256i which_byte = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
-                                                 0x0101010101010101, 0x0000000000000000);
-    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);
-    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), which_byte);
-    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
-    return _mm256_and_si256(v, _mm256_set1_epi8(16));
+inline __m256i fifth_bits(uint32_t bits) {  // bit i of 16 bits -> 16 in lane i, else 0
+    const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                          4096, 8192, 16384, -32768);
+    const __m256i v = _mm256_and_si256(_mm256_set1_epi16(short(bits)), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi16(v, bit), _mm256_set1_epi16(16));
 }
 
 template <> inline void decode_pair<Q5_0>(const uint8_t* row, int64_t b, bool alone, Pair& w) {
     const uint8_t* p = row + b * 22;
-    uint32_t high0, high1 = 0;
-    std::memcpy(&high0, p + 2, 4);
-    if (!alone) std::memcpy(&high1, p + 24, 4);
-    split_nibbles(load16(p + 6), alone ? _mm_setzero_si128() : load16(p + 28), w);
-    // bit i of a block's mask is weight i's fifth bit: weights 0..15 join lo, 16..31 hi.
-    const __m256i h_lo = bit4_from_mask((high0 & 0xFFFFu) | (high1 << 16));
-    const __m256i h_hi = bit4_from_mask((high0 >> 16) | (high1 & 0xFFFF0000u));
-    w.lo = _mm256_or_si256(w.lo, h_lo);
-    w.hi = _mm256_or_si256(w.hi, h_hi);
+    for (int i = 0; i < (alone ? 1 : 2); ++i) {
+        const uint8_t* q = p + 22 * i;
+        uint32_t high;
+        std::memcpy(&high, q + 2, 4);  // bit j: the fifth bit of weight j
+        nibbles(q + 6, w.w[2 * i], w.w[2 * i + 1]);
+        w.w[2 * i] = _mm256_or_si256(w.w[2 * i], fifth_bits(high & 0xFFFFu));
+        w.w[2 * i + 1] = _mm256_or_si256(w.w[2 * i + 1], fifth_bits(high >> 16));
+    }
+    if (alone) zero_second(w);
     const __m128 d = halves(u16(p), 0, alone ? 0 : u16(p + 22), 0);
     w.coef = _mm_mul_ps(_mm_movelh_ps(_mm_unpacklo_ps(d, d), _mm_unpackhi_ps(d, d)),
                         _mm_setr_ps(1.0f, -16.0f, 1.0f, -16.0f));
@@ -125,11 +119,14 @@ template <> inline void decode_pair<Q5_0>(const uint8_t* row, int64_t b, bool al
 
 template <> inline void decode_pair<Q8_0>(const uint8_t* row, int64_t b, bool alone, Pair& w) {
     const uint8_t* p = row + b * 34;
-    interleave(load32(p + 2), alone ? _mm256_setzero_si256() : load32(p + 36), w);
-    w.lo_aux = w.lo;
-    w.hi_aux = w.hi;
-    w.lo = _mm256_abs_epi8(w.lo);  // -128 -> 128 as unsigned: still exact
-    w.hi = _mm256_abs_epi8(w.hi);
+    w.w[0] = widen_signed(p + 2);
+    w.w[1] = widen_signed(p + 18);
+    if (alone) {
+        zero_second(w);
+    } else {
+        w.w[2] = widen_signed(p + 36);
+        w.w[3] = widen_signed(p + 52);
+    }
     w.coef = halves(u16(p), 0, alone ? 0 : u16(p + 34), 0);
 }
 
@@ -147,10 +144,12 @@ inline void q4k_scale_min(const uint8_t* s, int j, int& sc, int& m) {
 template <> inline void decode_pair<Q4_K>(const uint8_t* row, int64_t b, bool, Pair& w) {
     const uint8_t* p = row + (b / 8) * 144;
     const int j = int(b % 8);
-    const __m256i bytes = load32(p + 16 + (j / 2) * 32);  // low nibbles: block j, high: j + 1
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    interleave(_mm256_and_si256(bytes, mask),
-               _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask), w);
+    const uint8_t* q = p + 16 + (j / 2) * 32;  // low nibbles: block j, high: block j + 1
+    const __m256i v0 = widen(q), v1 = widen(q + 16), mask = _mm256_set1_epi16(0x0F);
+    w.w[0] = _mm256_and_si256(v0, mask);
+    w.w[1] = _mm256_and_si256(v1, mask);
+    w.w[2] = _mm256_srli_epi16(v0, 4);
+    w.w[3] = _mm256_srli_epi16(v1, 4);
     int sc0, m0, sc1, m1;
     q4k_scale_min(p + 4, j, sc0, m0);
     q4k_scale_min(p + 4, j + 1, sc1, m1);
@@ -161,20 +160,19 @@ template <> inline void decode_pair<Q4_K>(const uint8_t* row, int64_t b, bool, P
 template <> inline void decode_pair<Q6_K>(const uint8_t* row, int64_t b, bool, Pair& w) {
     const uint8_t* p = row + (b / 8) * 210;
     const int j = int(b % 8), half = j / 4, group = j % 4;  // group even: the pair is j, j + 1
-    const __m256i mask = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3);
-    const __m256i first = load32(p + half * 64), second = load32(p + half * 64 + 32);
-    const __m256i high = load32(p + 128 + half * 32);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(p + 192 + 2 * j);  // 2 per block
     const int shift = group < 2 ? 0 : 4;
-    const __m256i q0 = _mm256_or_si256(
-        _mm256_and_si256(_mm256_srli_epi16(first, shift), mask),
-        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * group), two), 4));
-    const __m256i q1 = _mm256_or_si256(
-        _mm256_and_si256(_mm256_srli_epi16(second, shift), mask),
-        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * group + 2), two), 4));
-    interleave(q0, q1, w);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192 + 2 * j);  // 2 per block
-    w.lo_aux = _mm256_set_m128i(_mm_set1_epi16(sc[2]), _mm_set1_epi16(sc[0]));
-    w.hi_aux = _mm256_set_m128i(_mm_set1_epi16(sc[3]), _mm_set1_epi16(sc[1]));
+    for (int i = 0; i < 4; ++i) {  // block j + i / 2, weights 16 * (i % 2) ...
+        const uint8_t* low = p + half * 64 + (i / 2) * 32 + (i % 2) * 16;
+        const uint8_t* high = p + 128 + half * 32 + (i % 2) * 16;
+        const __m256i nib = _mm256_and_si256(_mm256_srli_epi16(widen(low), shift),
+                                             _mm256_set1_epi16(0x0F));
+        const __m256i two = _mm256_and_si256(_mm256_srli_epi16(widen(high), 2 * (group + i / 2)),
+                                             _mm256_set1_epi16(3));
+        const __m256i q = _mm256_sub_epi16(_mm256_or_si256(nib, _mm256_slli_epi16(two, 4)),
+                                           _mm256_set1_epi16(32));
+        w.w[i] = _mm256_mullo_epi16(q, _mm256_set1_epi16(scales[i]));  // |w| <= 4096
+    }
     const float d = f16(p + 208);
     w.coef = _mm_setr_ps(d, 0.0f, d, 0.0f);
 }
