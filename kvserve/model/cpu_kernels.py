@@ -1,5 +1,6 @@
 """The C++ CPU kernels of csrc/ (paged decode attention, fused RMSNorm, rope fused with the
-K/V cache write), compiled on first use into one library and loaded with ctypes.
+K/V cache write), compiled on first use into one library and loaded with ctypes; the matmuls
+on GGUF quantized weights (quant.py) are a second library, built the same way.
 
 It needs only a C++ compiler (``$CXX``, default ``g++``); it is built for this machine's CPU
 and cached under ``~/.cache/kvserve/kernels`` (``$KVSERVE_CACHE_DIR``). When there is no
