@@ -1,5 +1,6 @@
 """The C++ CPU kernels of csrc/ (paged decode attention, fused RMSNorm, rope fused with the
-K/V cache write), compiled on first use into one library and loaded with ctypes.
+K/V cache write), compiled on first use into one library and loaded with ctypes; the matmuls
+on GGUF quantized weights (quant.py) are a second library, built the same way.
 
 It needs only a C++ compiler (``$CXX``, default ``g++``); it is built for this machine's CPU
 and cached under ``~/.cache/kvserve/kernels`` (``$KVSERVE_CACHE_DIR``). When there is no
@@ -24,13 +25,19 @@ import torch
 
 log = logging.getLogger("kvserve")
 
-SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp")]
-HEADERS = [Path(__file__).parent / "csrc" / "bf16.h"]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp")]
+HEADERS = [CSRC / "bf16.h"]
 # -fassociative-math lets the compiler sum a dot product as a tree of vector adds. The kernel
 # stays deterministic: one compiled order for every sequence, however the batch is made up.
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+# The quantized matmuls get a library of their own, built without reassociation or FMA
+# contraction: their tiles for one row and for many must compute each output identically.
+QUANT_SOURCES = [CSRC / "quant_matmul.cpp"]
+QUANT_HEADERS = [CSRC / name for name in ("bf16.h", "quant_blocks.h", "thread_pool.h")]
+QUANT_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC",
+               "-pthread"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 HEAD_DIMS = (64, 128)
 
@@ -131,21 +138,39 @@ class RopeCacheKernel:
 
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
+    return _load("paged_attention", "CPU attention kernel", SOURCES, HEADERS, FLAGS,
+                 "CPU attention uses the slower PyTorch path")
+
+
+@functools.cache
+def load_quant_library() -> ctypes.CDLL | None:
+    """The quantized matmuls (quant.py), or None: the model then dequantizes those weights."""
+    lib = _load("quant_matmul", "quantized matmul kernel", QUANT_SOURCES, QUANT_HEADERS,
+                QUANT_FLAGS, "quantized GGUF weights are dequantized to float")
+    if lib is not None and not lib.kvserve_quant_available():
+        log.warning("kvserve: this CPU lacks AVX2/FMA/F16C; quantized GGUF weights are "
+                    "dequantized to float")
+        return None
+    return lib
+
+
+def _load(name: str, what: str, sources: list[Path], headers: list[Path], flags: list[str],
+          fallback: str) -> ctypes.CDLL | None:
     if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
         return None
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
-        log.warning("kvserve: no C++ compiler (g++ or $CXX) found; CPU attention uses the "
-                    "slower PyTorch path. Install g++ for the paged attention kernel.")
+        log.warning("kvserve: no C++ compiler (g++ or $CXX) found; %s. Install g++ for the "
+                    "%s.", fallback, what)
         return None
-    path = cache_dir() / f"paged_attention-{build_key(compiler)}.so"
+    path = cache_dir() / f"{name}-{build_key(compiler, sources, headers, flags)}.so"
     if not path.exists():
         try:
-            compile_library(compiler, path)
+            compile_library(compiler, path, sources, flags)
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", "") or str(e)
-            log.warning("kvserve: could not build the CPU attention kernel (%s); using the "
-                        "PyTorch path", detail.strip()[:500])
+            log.warning("kvserve: could not build the %s (%s); %s", what,
+                        detail.strip()[:500], fallback)
             return None
     return ctypes.CDLL(str(path))
 
@@ -170,10 +195,11 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def build_key(compiler: str) -> str:
+def build_key(compiler: str, sources: list[Path], headers: list[Path],
+              flags: list[str]) -> str:
     """The source, flags, compiler and CPU: -march=native code is only valid on its CPU."""
-    h = hashlib.sha256(b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS]))
-    h.update(" ".join([compiler, *FLAGS, platform.machine()]).encode())
+    h = hashlib.sha256(b"".join(f.read_bytes() for f in [*sources, *headers]))
+    h.update(" ".join([compiler, *flags, platform.machine()]).encode())
     h.update(subprocess.run([compiler, "--version"], capture_output=True).stdout)
     try:
         flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -184,13 +210,13 @@ def build_key(compiler: str) -> str:
     return h.hexdigest()[:16]
 
 
-def compile_library(compiler: str, path: Path) -> None:
+def compile_library(compiler: str, path: Path, sources: list[Path], flags: list[str]) -> None:
     """Build into a temporary file and rename it: concurrent first runs never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True,
+        subprocess.run([compiler, *flags, "-o", tmp, *map(str, sources)], check=True,
                        capture_output=True, text=True, timeout=300)
         os.replace(tmp, path)
     finally:

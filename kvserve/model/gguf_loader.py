@@ -1,12 +1,14 @@
-"""Load a GGUF file: metadata, tokenizer, and weights as float32 under Hugging Face names.
+"""Load a GGUF file: metadata, tokenizer, and weights under Hugging Face names, as float32
+or (the types asked for) kept in their quantized blocks.
 
 The header is parsed here rather than with `gguf.GGUFReader`, which builds a numpy view per
 metadata item and takes ~2 s on SmolLM2's 100k vocabulary strings; `gguf` still supplies the
-type tables and dequantizes the types without a fast path below.
+type tables and dequantizes the types without a fast path in gguf_blocks.py.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 from pathlib import Path
@@ -15,11 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize
 
 from kvserve.model.config import ModelConfig
 from kvserve.model.errors import ModelLoadError
+from kvserve.model.gguf_blocks import QuantTensor, dequantize
 from kvserve.model.tokenizer import Tokenizer
+
+log = logging.getLogger("kvserve")
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # Mistral GGUFs say "llama"
 
@@ -27,6 +31,7 @@ _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?
                    10: "Q", 11: "q", 12: "d"}  # fmt: skip
 _STRING, _ARRAY, _FLOAT32 = 8, 9, 6
 _TRUNCATED = "(truncated? download the file again)"
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
@@ -86,23 +91,45 @@ class _Header:
         return float(str(np.float32(value))) if value_type == _FLOAT32 else value
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Parse, dequantize and rename everything in one GGUF file."""
-    buf = bytearray(path.stat().st_size)
-    with path.open("rb") as f:
-        f.readinto(buf)
-    metadata, infos, data_start = _read_header(memoryview(buf))
+def read_gguf(
+    path: Path, keep_quantized: frozenset[GGMLQuantizationType] = frozenset()
+) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantTensor], Tokenizer]:
+    """Parse and rename everything in one GGUF file.
+
+    Weight matrices of the types in ``keep_quantized`` come back as QuantTensors, views into
+    the memory-mapped file (Q and K rows reordered into a copy); the rest is dequantized to
+    float32 tensors, as is everything when ``keep_quantized`` is empty.
+    """
+    if keep_quantized:
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+    else:
+        buf = bytearray(path.stat().st_size)
+        with path.open("rb") as f:
+            f.readinto(buf)
+        raw = np.frombuffer(buf, dtype=np.uint8)
+    metadata, infos, data_start = _read_header(memoryview(raw))
     tokenizer = Tokenizer.from_gguf_metadata(metadata)
     config = _config_from_metadata(metadata, infos, tokenizer, name=path.stem)
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    tensors = {}
+    tensors: dict[str, torch.Tensor | QuantTensor] = {}
+    dequantized = set()
     for name, (shape, qtype, offset) in infos.items():
         start = data_start + offset
         num_bytes = _num_bytes(shape, qtype)
-        if start + num_bytes > len(buf):
+        if start + num_bytes > len(raw):
             raise ModelLoadError(f"GGUF tensor {name} runs past the end of the file {_TRUNCATED}")
-        weight = _dequantize(raw[start : start + num_bytes], qtype).reshape(shape)
+        chunk = raw[start : start + num_bytes]
+        if qtype in keep_quantized and len(shape) == 2:
+            blocks = chunk.reshape(shape[0], -1)  # [rows, row_bytes]
+            tensors[_hf_name(name)] = QuantTensor(
+                qtype, _unpermute_rotary(name, blocks, config), shape[1])
+            continue
+        if keep_quantized and qtype not in _FLOAT_TYPES:
+            dequantized.add(qtype.name)
+        weight = dequantize(chunk, qtype).reshape(shape)
         tensors[_hf_name(name)] = torch.from_numpy(_unpermute_rotary(name, weight, config))
+    if dequantized:
+        log.info("kvserve: no native kernel for GGUF type(s) %s; dequantized to float32 at load",
+                 ", ".join(sorted(dequantized)))
     return config, tensors, tokenizer
 
 
@@ -141,46 +168,6 @@ def _num_bytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     return math.prod(shape) // block_size * type_size
 
 
-def _dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """Float32 weights, flat.
-
-    Plain numpy on purpose: single-threaded, it stays fast when another process holds a core,
-    where torch's OpenMP threads slow down 10-30x on a 2-core machine.
-    """
-    if qtype == GGMLQuantizationType.Q4_1:
-        return _dequantize_q4_1(raw)
-    if qtype == GGMLQuantizationType.Q8_0:
-        return _dequantize_q8_0(raw)
-    if qtype == GGMLQuantizationType.F32:
-        return raw.view(np.float32).copy()
-    return dequantize(raw, qtype)
-
-
-def _dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
-    """Blocks of 32 weights: f16 scale d, then 32 int8 q; w = d * q."""
-    blocks = raw.reshape(-1, 34)  # (num_blocks, 2 + 32 bytes)
-    scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (num_blocks, 1)
-    weights = blocks[:, 2:].view(np.int8).astype(np.float32)  # (num_blocks, 32)
-    weights *= scale
-    return weights
-
-
-def _dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
-    """Blocks of 32 weights: f16 scale d, f16 min m, 16 bytes of nibbles; w = d * q + m.
-
-    Low nibbles hold weights 0..15 of the block, high nibbles weights 16..31.
-    """
-    blocks = raw.reshape(-1, 20)  # (num_blocks, 4 + 16 bytes)
-    scale_min = blocks[:, :4].copy().view(np.float16).astype(np.float32)  # (num_blocks, 2)
-    quants = np.empty((len(blocks), 32), dtype=np.uint8)
-    np.bitwise_and(blocks[:, 4:], 0x0F, out=quants[:, :16])
-    np.right_shift(blocks[:, 4:], 4, out=quants[:, 16:])
-    weights = quants.astype(np.float32)  # (num_blocks, 32)
-    weights *= scale_min[:, :1]
-    weights += scale_min[:, 1:]
-    return weights
-
-
 def _hf_name(gguf_name: str) -> str:
     stem, _, suffix = gguf_name.rpartition(".")  # suffix: "weight" or "bias"
     if stem in _GLOBAL_TENSORS:
@@ -198,6 +185,8 @@ def _hf_name(gguf_name: str) -> str:
 
 def _unpermute_rotary(name: str, weight: np.ndarray, config: ModelConfig) -> np.ndarray:
     """Undo llama.cpp's row order for Q and K, back to Hugging Face's rotate-half layout.
+
+    ``weight`` is [rows, ...]: float weights, or the rows of quantized blocks of a QuantTensor.
 
     For the llama architecture, llama.cpp's converter interleaves each head's rows as
     (pair, half) instead of HF's (half, pair) so that its rotary kernel rotates adjacent rows;

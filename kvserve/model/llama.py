@@ -23,6 +23,15 @@ from kvserve.model.cpu_kernels import (
     rms_norm_kernel,
     rope_cache_kernel,
 )
+from kvserve.model.gguf_blocks import QuantTensor
+from kvserve.model.quant import (
+    QuantEmbedding,
+    QuantKernel,
+    QuantLinear,
+    dequantized,
+    quant_kernel,
+    stack_rows,
+)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -214,9 +223,8 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     @torch.no_grad()
-    def load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load Hugging Face named tensors, fusing q/k/v and gate/up."""
-        own = fuse_hf_tensors(self.config, tensors)
+    def load_tensors(self, own: dict[str, torch.Tensor]) -> None:
+        """Fill the parameters from this module's names (fuse_hf_tensors)."""
         params = dict(self.named_parameters())
         missing = set(params) - set(own)
         if missing:
@@ -225,15 +233,20 @@ class LlamaForCausalLM(nn.Module):
             param.copy_(own[name])
 
 
-def fuse_hf_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict:
-    """Hugging Face names -> this module's names, with q/k/v and gate/up concatenated."""
+Weight = torch.Tensor | QuantTensor | list[QuantTensor]
+
+
+def fuse_hf_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor | QuantTensor]
+                    ) -> dict[str, Weight]:
+    """Hugging Face names -> this module's names, with q/k/v and gate/up stacked by rows
+    (float tensors concatenated; quantized ones kept as a list of parts)."""
     embed = tensors["model.embed_tokens.weight"]
     own = {"embed_tokens.weight": embed, "norm.weight": tensors["model.norm.weight"],
            "lm_head.weight": tensors.get("lm_head.weight", embed)}  # tied: a copy of embed
     for i in range(config.num_layers):
         hf, me = f"model.layers.{i}.", f"layers.{i}."
         attn = hf + "self_attn."
-        own[me + "self_attn.qkv_proj.weight"] = torch.cat(
+        own[me + "self_attn.qkv_proj.weight"] = stack_rows(
             [tensors[attn + n + "_proj.weight"] for n in "qkv"])
         if config.attention_bias:
             own[me + "self_attn.qkv_proj.bias"] = torch.cat(
@@ -242,7 +255,7 @@ def fuse_hf_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> di
             own[me + "self_attn.q_norm.weight"] = tensors[attn + "q_norm.weight"]
             own[me + "self_attn.k_norm.weight"] = tensors[attn + "k_norm.weight"]
         own[me + "self_attn.o_proj.weight"] = tensors[attn + "o_proj.weight"]
-        own[me + "mlp.gate_up_proj.weight"] = torch.cat(
+        own[me + "mlp.gate_up_proj.weight"] = stack_rows(
             [tensors[hf + "mlp.gate_proj.weight"], tensors[hf + "mlp.up_proj.weight"]])
         for name in ("mlp.down_proj.weight", "input_layernorm.weight",
                      "post_attention_layernorm.weight"):
@@ -250,13 +263,26 @@ def fuse_hf_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> di
     return own
 
 
-def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device, max_positions: int) -> LlamaForCausalLM:
-    """Build on the meta device (no wasted random init), then fill with the checkpoint."""
+def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor | QuantTensor],
+                dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+    """Build on the meta device (no wasted random init), then fill with the checkpoint.
+
+    Quantized weights (QuantTensors, from ``load_checkpoint(path, quantization="gguf")``) are
+    computed on in their blocks on a CPU (QuantLinear, QuantEmbedding); on another device, or
+    where the kernel library cannot be built, they are dequantized to ``dtype``.
+    """
+    own = fuse_hf_tensors(config, tensors)
+    kernel = quant_kernel() if device.type == "cpu" else None
+    quantized = {name: w for name, w in own.items()
+                 if kernel is not None and isinstance(w, QuantTensor | list)}
+    own = {name: w if name in quantized else dequantized(w) for name, w in own.items()}
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+        for name, weight in quantized.items():
+            module = _quant_module(name, weight, own, kernel, dtype)  # type: ignore[arg-type]
+            model.set_submodule(name.removesuffix(".weight"), module)
     model = model.to_empty(device=device).to(dtype)
-    model.load_hf_tensors(tensors)
+    model.load_tensors(own)  # type: ignore[arg-type]
     model.rope = RotaryEmbedding(config, max_positions, device)
     model.eval().requires_grad_(False)
     if device.type == "cpu":
@@ -270,3 +296,12 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: to
                 module.rope_kernel = rope_kernel
                 module.rope_tables = (model.rope.cos, model.rope.sin)
     return model
+
+
+def _quant_module(name: str, weight: QuantTensor | list[QuantTensor], own: dict[str, Weight],
+                  kernel: QuantKernel, dtype: torch.dtype) -> nn.Module:
+    if name == "embed_tokens.weight":
+        assert isinstance(weight, QuantTensor)
+        return QuantEmbedding(weight, kernel, dtype)
+    parts = weight if isinstance(weight, list) else [weight]
+    return QuantLinear(parts, kernel, bias=name.removesuffix("weight") + "bias" in own)

@@ -2,9 +2,12 @@
 
     checkpoint = load_checkpoint()            # the embedded SmolLM2-135M-Instruct
     checkpoint = load_checkpoint("dir/")      # config.json + *.safetensors + tokenizer.json
+    checkpoint = load_checkpoint(path, quantization="gguf")  # quantized blocks kept
 
 Tensors come back under Hugging Face names with Hugging Face shapes (Linear: [out, in]);
-GGUF weights are dequantized to float32, safetensors keep the file's dtype.
+GGUF weights are dequantized to float32, or with ``quantization="gguf"`` the quantized ones
+that have a native CPU kernel stay in their blocks (QuantTensor, memory-mapped; build_model
+computes on them); safetensors keep the file's dtype.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import torch
 
 from kvserve.model.config import ModelConfig
 from kvserve.model.errors import ModelLoadError
+from kvserve.model.gguf_blocks import QuantTensor
 from kvserve.model.gguf_loader import read_gguf
 from kvserve.model.hf_loader import config_from_hf_dict, read_hf_directory, write_hf_directory
+from kvserve.model.quant import native_types
 from kvserve.model.tokenizer import Tokenizer
 
 __all__ = [
     "Checkpoint",
     "ModelLoadError",
+    "QuantTensor",
     "config_from_hf_dict",
     "default_model_path",
     "expected_tensor_shapes",
@@ -44,9 +50,16 @@ _PARSE_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeEr
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | QuantTensor]
     tokenizer: Tokenizer
-    fingerprint: str  # identifies the weights, e.g. to key a disk cache of KV blocks
+    # Identifies the weights and how they are computed on, e.g. to key a disk cache of KV
+    # blocks: native quantized weights give other K/V than their dequantized floats.
+    fingerprint: str
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether some weights are kept in GGUF blocks (computed on natively on a CPU)."""
+        return any(isinstance(t, QuantTensor) for t in self.tensors.values())
 
 
 def default_model_path() -> Path:
@@ -66,12 +79,21 @@ def default_model_path() -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path | None = None, quantization: str = "none") -> Checkpoint:
     """Load a `.gguf` file or a Hugging Face directory; `None` loads the default model.
+
+    Args:
+        quantization: "none" dequantizes every GGUF weight to float32; "gguf" keeps the
+            quantized weights of the types with a native CPU kernel in their blocks (the rest
+            are dequantized, with a log line), or behaves as "none" where the kernel library
+            cannot be built. A Hugging Face directory loads the same either way.
 
     Raises:
         ModelLoadError: missing, unreadable, corrupt or unsupported model.
+        ValueError: an unknown ``quantization``.
     """
+    if quantization not in ("none", "gguf"):
+        raise ValueError(f"quantization must be 'none' or 'gguf', got {quantization!r}")
     path = default_model_path() if path is None else Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(
@@ -83,10 +105,15 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
             config, tensors, tokenizer = read_hf_directory(path)
             files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
         else:
-            config, tensors, tokenizer = read_gguf(path)
+            keep = native_types() if quantization == "gguf" else frozenset()
+            config, tensors, tokenizer = read_gguf(path, keep)
             files = [path]
         tensors = _checked_tensors(config, tensors)
-        return Checkpoint(config, tensors, tokenizer, _fingerprint(files))
+        checkpoint = Checkpoint(config, tensors, tokenizer, _fingerprint(files))
+        if checkpoint.is_quantized:
+            checkpoint.fingerprint = hashlib.sha256(
+                f"{checkpoint.fingerprint}:gguf-native".encode()).hexdigest()[:16]
+        return checkpoint
     except ModelLoadError as exc:
         message = str(exc)
         message = message if str(path) in message else f"{path}: {message}"
@@ -99,8 +126,11 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
 
 
 def save_hf_directory(checkpoint: Checkpoint, out_dir: str | Path) -> None:
-    """Write the checkpoint as a Hugging Face directory that `load_checkpoint` reads back."""
-    write_hf_directory(checkpoint.config, checkpoint.tensors, checkpoint.tokenizer, Path(out_dir))
+    """Write the checkpoint as a Hugging Face directory that `load_checkpoint` reads back
+    (quantized weights dequantized to float32)."""
+    tensors = {name: t.dequantize() if isinstance(t, QuantTensor) else t
+               for name, t in checkpoint.tensors.items()}
+    write_hf_directory(checkpoint.config, tensors, checkpoint.tokenizer, Path(out_dir))
 
 
 def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -139,8 +169,8 @@ def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _checked_tensors(
-    config: ModelConfig, tensors: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
+    config: ModelConfig, tensors: dict[str, torch.Tensor | QuantTensor]
+) -> dict[str, torch.Tensor | QuantTensor]:
     """The tensors `config` needs, each with its expected shape; extras (a tied lm_head) go."""
     expected = expected_tensor_shapes(config)
     missing = [name for name in expected if name not in tensors]
