@@ -18,6 +18,7 @@ from typing import Any
 from kvserve.units import format_size, parse_size
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("auto", "none", "gguf")
 POLICIES = ("fcfs", "lpm")
 MAX_BLOCK_SIZE = 1024
 
@@ -37,6 +38,10 @@ class EngineConfig:
         None, "a .gguf file or a Hugging Face model directory (default: the bundled "
               "SmolLM2-135M-Instruct)", metavar="PATH")
     dtype: str = option("float32", "activation and KV cache dtype", choices=DTYPES)
+    quantization: str = option(
+        "auto", "weights of a quantized GGUF: gguf computes on its blocks natively (CPU only); "
+                "none dequantizes them to --dtype; auto is gguf on a CPU, none elsewhere",
+        choices=QUANTIZATIONS)
     device: str = option("auto", "cpu, cuda, cuda:1, or auto (a GPU when there is one)")
     kv_cache_memory: int = option(1 << 30, "memory for the KV block pool, e.g. 512MiB",
                                   size=True)

@@ -31,10 +31,12 @@ from kvserve.engine.stats import EngineStats
 from kvserve.model.config import ModelConfig
 from kvserve.model.llama import build_model
 from kvserve.model.loader import Checkpoint, load_checkpoint
+from kvserve.model.quant import quantized_nbytes, resolve_quantization
 from kvserve.model.tokenizer import IncrementalDecoder
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
 from kvserve.step import RunnerOutput, SchedulerOutput
+from kvserve.units import format_size
 
 log = logging.getLogger("kvserve")
 
@@ -96,7 +98,8 @@ class Engine:
             torch.set_num_threads(num_threads)
             if dtype == torch.float32 and not kvserve.OPENBLAS_SPIN_CAPPED:
                 warn_openblas_spin()
-        checkpoint = checkpoint or load_checkpoint(config.model)
+        checkpoint = checkpoint or load_checkpoint(
+            config.model, resolve_quantization(config.quantization, self.device))
         self.model_config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.fingerprint = checkpoint.fingerprint
@@ -110,6 +113,9 @@ class Engine:
                              f"({self.block_bytes} B); give it more memory")
         model = build_model(checkpoint.config, checkpoint.tensors, dtype, self.device,
                             self.max_model_len)
+        num_quantized = quantized_nbytes(model)
+        self.weights = (f"GGUF blocks, computed on natively ({format_size(num_quantized)})"
+                        if num_quantized else config.dtype)
         fmt = kv_format(config, checkpoint.config)
         tiers = build_tiers(config, checkpoint.fingerprint, fmt, self.block_bytes, dtype,
                             self.device)

@@ -32,7 +32,8 @@ def build_app(engine: Engine, *, served_model_name: str | None = None,
         engine=AsyncEngine(engine, metrics, max_waiting), metrics=metrics,
         tokenizer=engine.tokenizer, model_name=served_model_name or engine.model_config.name,
         fingerprint=engine.fingerprint, max_model_len=engine.max_model_len,
-        num_pool_tokens=engine.stats().num_pool_tokens, api_key=api_key)
+        num_pool_tokens=engine.stats().num_pool_tokens, api_key=api_key,
+        weights=engine.weights, max_num_seqs=engine.config.max_num_seqs)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -63,7 +64,8 @@ async def require_api_key(request: Request) -> None:
 
 def banner(engine: Engine, model_name: str, url: str) -> str:
     s = engine.stats()
-    return (f"kvserve {__version__}: {model_name} ({engine.config.dtype}, {engine.device}), "
+    return (f"kvserve {__version__}: {model_name} (weights: {engine.weights}; activations and "
+            f"KV: {engine.config.dtype}; {engine.device}), "
             f"context {engine.max_model_len} tokens, KV pool {s.num_blocks} blocks x "
             f"{s.block_size} tokens ({format_size(s.num_blocks * s.block_bytes)}), "
             f"prefix cache {'on' if engine.config.enable_prefix_caching else 'off'}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 import uuid
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from kvserve import __version__
 from kvserve.engine.engine import Engine
 from kvserve.server.async_engine import EngineDeadError
 from kvserve.server.errors import APIError, bad_request
@@ -63,6 +65,31 @@ async def cache_stats(ctx: Context) -> dict[str, Any]:
 async def cache_clear(ctx: Context) -> dict[str, int]:
     """Drop the cached blocks no request holds; returns how many."""
     return {"cleared_blocks": await _on_engine(ctx, lambda engine: engine.clear_cache())}
+
+
+@guarded.get("/v1/loads")
+async def loads(ctx: Context) -> dict[str, Any]:
+    """The load report cache-aware routers poll (the SGLang model gateway's ``/v1/loads``
+    shape): one rank, its running and waiting requests and KV usage."""
+    s = await _on_engine(ctx, lambda engine: engine.stats())
+    cache = ctx.metrics
+    asked = cache.num_requests_hit + cache.num_requests_missed
+    return {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "dp_rank_count": 1,
+        "loads": [{
+            "dp_rank": 0, "num_running_reqs": s.num_running, "num_waiting_reqs": s.num_waiting,
+            "num_total_reqs": s.num_running + s.num_waiting,
+            "num_used_tokens": s.num_used_blocks * s.block_size,
+            "max_total_num_tokens": s.num_pool_tokens, "token_usage": s.kv_usage,
+            "cache_hit_rate": cache.num_requests_hit / asked if asked else 0.0,
+            "max_running_requests": ctx.max_num_seqs}],
+    }
+
+
+@open_router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": __version__}
 
 
 @open_router.get("/health")

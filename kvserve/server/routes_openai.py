@@ -29,7 +29,7 @@ async def retrieve_model(model: str, ctx: Context) -> dict[str, Any]:
 
 def _model_card(ctx: ServerContext) -> dict[str, Any]:
     return {"id": ctx.model_name, "object": "model", "created": ctx.created,
-            "owned_by": "kvserve", "max_model_len": ctx.max_model_len}
+            "owned_by": "kvserve", "max_model_len": ctx.max_model_len, "weights": ctx.weights}
 
 
 @router.post("/v1/completions")

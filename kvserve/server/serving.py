@@ -43,6 +43,8 @@ class ServerContext:
     max_model_len: int
     num_pool_tokens: int
     api_key: str | None = None
+    weights: str = ""  # which weights run: a dtype, or GGUF blocks computed on natively
+    max_num_seqs: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
