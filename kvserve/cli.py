@@ -110,9 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Benchmarks: each prints a table and takes --json PATH.",
                            formatter_class=HelpFormatter)
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from kvserve.bench import compare, decode, kv, prefix, report, serve, sweep, throughput
+    from kvserve.bench import (
+        compare,
+        decode,
+        kv,
+        prefix,
+        replicas,
+        report,
+        serve,
+        sweep,
+        throughput,
+    )
 
-    for module in (kv, decode, throughput, prefix, serve, compare, sweep, report):
+    for module in (kv, decode, throughput, prefix, replicas, serve, compare, sweep, report):
         p = benches.add_parser(module.NAME, help=module.HELP, description=module.HELP,
                                formatter_class=HelpFormatter)
         module.add_args(p)
