@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import replace
 
 import torch
 from rich.table import Table
@@ -89,6 +90,7 @@ def transformers_run(model_path, dtype: str, ids: list[int], max_tokens: int, ru
 def run(args: argparse.Namespace) -> dict:
     from kvserve.config import EngineConfig
     from kvserve.engine.llm import LLM
+    from kvserve.model.quant import quantized_nbytes
 
     start = time.perf_counter()
     llm = LLM(config=EngineConfig.from_cli(args))
@@ -99,13 +101,22 @@ def run(args: argparse.Namespace) -> dict:
                   f"tokens, {args.max_tokens} new tokens, model load {load_s:.2f} s")
     bandwidth = copy_bandwidth_gb_s()
     weight_bytes = weight_bytes_per_token(llm.engine.model_config, args.dtype)
+    native_bytes = quantized_nbytes(llm.engine.runner.model)
     with console.status("kvserve..."):
         mine = ours(llm, ids, args.max_tokens, args.runs)
-    mine["bandwidth_share"] = weight_bytes * mine["decode_tokens_per_s"] / (bandwidth * 1e9)
+    mine["weights"] = llm.engine.weights
+    mine["bandwidth_share"] = ((native_bytes or weight_bytes) * mine["decode_tokens_per_s"]
+                               / (bandwidth * 1e9))
     result = {"dtype": args.dtype, "prompt_tokens": len(ids), "new_tokens": args.max_tokens,
               "bandwidth_gb_s": bandwidth, "weight_bytes_per_token": weight_bytes,
-              "load_s": load_s, "kvserve": mine, "transformers": None,
-              "speedup_vs_transformers": None, "env": environment(args)}
+              "load_s": load_s, "kvserve": mine, "kvserve_dequantized": None,
+              "transformers": None, "speedup_vs_transformers": None, "env": environment(args)}
+    if native_bytes:  # the same file dequantized to --dtype, in the same run
+        del llm
+        dequantized = LLM(config=replace(EngineConfig.from_cli(args), quantization="none"))
+        with console.status("kvserve, dequantized..."):
+            result["kvserve_dequantized"] = ours(dequantized, ids, args.max_tokens, args.runs)
+        del dequantized
     if not args.no_transformers:
         theirs = run_transformers_peer("transformers", lambda: transformers_run(
             args.model, args.dtype, ids, args.max_tokens, args.runs))
@@ -124,8 +135,12 @@ def print_table(r: dict) -> None:
         t.add_column(col, justify="right")
     limit = r["bandwidth_gb_s"] * 1e9 / r["weight_bytes_per_token"]
     k = r["kvserve"]
-    t.add_row("kvserve", f"{k['decode_tokens_per_s']:.1f}", f"{k['ttft_s'] * 1000:.0f} ms",
-              f"{k['bandwidth_share']:.0%}")
+    t.add_row(f"kvserve ({k['weights']})", f"{k['decode_tokens_per_s']:.1f}",
+              f"{k['ttft_s'] * 1000:.0f} ms", f"{k['bandwidth_share']:.0%}")
+    if r.get("kvserve_dequantized"):
+        d = r["kvserve_dequantized"]
+        t.add_row(f"kvserve (dequantized, {r['dtype']})", f"{d['decode_tokens_per_s']:.1f}",
+                  f"{d['ttft_s'] * 1000:.0f} ms", f"{d['decode_tokens_per_s'] / limit:.0%}")
     if r["transformers"]:
         h = r["transformers"]
         t.add_row("transformers", f"{h['decode_tokens_per_s']:.1f}", f"{h['ttft_s'] * 1000:.0f} ms",

@@ -114,7 +114,7 @@ class Engine:
         model = build_model(checkpoint.config, checkpoint.tensors, dtype, self.device,
                             self.max_model_len)
         num_quantized = quantized_nbytes(model)
-        self.weights = (f"GGUF blocks, computed on natively ({format_size(num_quantized)})"
+        self.weights = (f"native GGUF blocks ({format_size(num_quantized)})"
                         if num_quantized else config.dtype)
         fmt = kv_format(config, checkpoint.config)
         tiers = build_tiers(config, checkpoint.fingerprint, fmt, self.block_bytes, dtype,
