@@ -17,6 +17,7 @@ import sys
 
 from kvserve import __version__
 from kvserve.config import EngineConfig, add_cli_args, int_at_least
+from kvserve.server.config import ServerConfig, add_server_args
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,13 +39,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or isinstance(action.default, bool) or action.default == argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
-
-
-def port(text: str) -> int:
-    value = int_at_least(1)(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {value}")
-    return value
 
 
 def positive_int(text: str) -> int:
@@ -92,17 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve the model over HTTP: /v1/completions, "
                                        "/v1/chat/completions, /generate, /cache/*, /metrics.",
                            formatter_class=HelpFormatter)
-    g = serve.add_argument_group("server options")
-    g.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
-    g.add_argument("--port", type=port, default=8000, help="port to listen on (default: 8000)")
-    g.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1, /generate and /cache")
-    g.add_argument("--max-waiting", type=positive_int, default=None,
-                   help="requests waiting for their first token before new ones get 503 "
-                        "(default: no limit)")
-    g.add_argument("--served-model-name", default=None,
-                   help="the model name clients send (default: the model's own name)")
+    add_server_args(serve)
     add_cli_args(serve)
     serve.set_defaults(run=cmd_serve)
 
@@ -162,8 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from kvserve.server.app import run_server
 
-    run_server(EngineConfig.from_cli(args), args.host, args.port, api_key=args.api_key,
-               max_waiting=args.max_waiting, served_model_name=args.served_model_name)
+    run_server(EngineConfig.from_cli(args), ServerConfig.from_cli(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         EngineConfig.from_cli(args) if "dtype" in args else None  # bad values: before any load
+        ServerConfig.from_cli(args) if "max_body_size" in args else None
     except ValueError as e:
         parser.exit(2, f"kvserve: error: {e}\n")
     try:

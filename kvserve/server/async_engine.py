@@ -25,10 +25,12 @@ from kvserve.engine.engine import Engine
 from kvserve.engine.output import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.metrics import RequestTimes, ServerMetrics
-from kvserve.server.request_group import RequestGroup
+from kvserve.server.request_group import RequestGroup, RequestTimeoutError
 
 log = logging.getLogger("kvserve.server")
 T = TypeVar("T")
+__all__ = ["AsyncEngine", "EngineDeadError", "QueueFullError", "RequestFailedError",
+           "RequestTimeoutError", "ShuttingDownError"]
 
 
 class EngineDeadError(RuntimeError):
@@ -41,6 +43,10 @@ class QueueFullError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """The engine failed on this request (and went on serving the others)."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The server is shutting down: it takes no new request, and aborts those left running."""
 
 
 @dataclass
@@ -79,12 +85,19 @@ class AsyncEngine:
         self.metrics = metrics
         self.max_waiting = max_waiting
         self.num_waiting = 0  # accepted, no output yet; touched only on the event loop
+        self.groups: set[RequestGroup] = set()  # not yet closed; touched only on the event loop
+        self.draining = False  # set on shutdown: submit refuses, open groups may finish
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()  # submit vs. the loop dying: no command is lost between
         self._dead = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the HTTP side runs on, once started."""
+        return self._loop
 
     @property
     def is_alive(self) -> bool:
@@ -100,17 +113,25 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, prompts: list[tuple[list[int], SamplingParams]],
-               request_id: str) -> RequestGroup:
-        """Validate every prompt, then queue them all (or none) as one group.
+    def check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        """``Engine.check_fits``, safe from any thread: it reads only what is fixed at start.
+        Callers check each prompt with it (in a worker thread: it scans every token id)
+        before they submit; the engine checks again as it adds the request."""
+        self.engine.check_fits(ids, params)
+
+    def submit(self, prompts: list[tuple[list[int], SamplingParams]], request_id: str,
+               timeout: float | None = None) -> RequestGroup:
+        """Queue prompts already checked with ``check_fits``, all of them (or none), as one
+        group; it raises RequestTimeoutError once ``timeout`` seconds have passed.
 
         Raises:
-            ValueError: a prompt cannot run (too long, bad token ids); nothing was queued.
+            ValueError: more choices than ``max_waiting``; nothing was queued.
             QueueFullError: ``max_waiting`` would be exceeded; nothing was queued.
+            ShuttingDownError: the server is draining; nothing was queued.
             EngineDeadError: the engine loop has stopped.
         """
-        for ids, params in prompts:
-            self.engine.check_fits(ids, params)
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down; retry on another instance")
         if self.max_waiting is not None:
             if len(prompts) > self.max_waiting:
                 raise ValueError(f"{len(prompts)} completions in one request is more than the "
@@ -118,7 +139,8 @@ class AsyncEngine:
             if self.num_waiting + len(prompts) > self.max_waiting:
                 raise QueueFullError(f"{self.num_waiting} requests are waiting (limit "
                                      f"{self.max_waiting}); retry shortly")
-        group = RequestGroup(self, [f"{request_id}-{i}" for i in range(len(prompts))])
+        deadline = None if timeout is None else time.monotonic() + timeout
+        group = RequestGroup(self, [f"{request_id}-{i}" for i in range(len(prompts))], deadline)
         now = time.perf_counter()
         with self._lock:
             if not self.is_alive:
@@ -126,7 +148,14 @@ class AsyncEngine:
             for index, (ids, params) in enumerate(prompts):
                 self._inbox.put(_Add(group, index, ids, params, now))
         self.num_waiting += len(prompts)
+        self.groups.add(group)
         return group
+
+    def fail_open_groups(self, exc: Exception) -> None:
+        """Hand ``exc`` to every open group (their handlers answer with it and close them,
+        which aborts their requests and frees their blocks). On the event loop only."""
+        for group in list(self.groups):
+            group.receive(0, exc)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))

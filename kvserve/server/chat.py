@@ -6,6 +6,7 @@ from typing import Any
 
 from kvserve.engine.output import RequestOutput
 from kvserve.sampling_params import SamplingParams
+from kvserve.server.admission import check_shape
 from kvserve.server.errors import APIError, bad_request
 from kvserve.server.logprobs import chat_logprobs
 from kvserve.server.protocol import ChatCompletionRequest
@@ -13,23 +14,30 @@ from kvserve.server.render import ChoiceState, Renderer
 from kvserve.server.serving import ServerContext, check_unicode
 
 
-def prepare(ctx: ServerContext, body: ChatCompletionRequest
-            ) -> tuple[list[list[int]], list[SamplingParams]]:
-    """The conversation's token ids and sampling params; raises APIError for a bad request."""
+def prepare(ctx: ServerContext, body: ChatCompletionRequest, api_key: str | None
+            ) -> tuple[ChatRenderer, list[SamplingParams]]:
+    """The renderer (which holds the conversation's token ids) and the sampling params,
+    admitted; raises APIError for a bad request. Runs in a worker thread: it renders the
+    template and tokenizes."""
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+    check_shape(ctx.config, body.n, body.stop)
     for i, message in enumerate(body.messages):
         check_unicode(message.content, f"messages[{i}].content")
     try:
-        ids = ctx.tokenizer.encode_chat([m.as_template_input() for m in body.messages])
+        text = ctx.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
     except ValueError as exc:
         raise APIError(400, str(exc), "messages") from exc
+    ids = ctx.tokenize(text, "messages", add_special_tokens=False)  # the template wrote BOS
     top = (body.top_logprobs or 0) if body.logprobs else None
+    fields = set(ChatCompletionRequest.model_fields)
+    max_tokens = body.max_new_tokens or ctx.max_tokens_left(len(ids), body.n, body.use_kv_cache)
     try:
-        params = body.sampling_params(body.max_new_tokens or ctx.max_tokens_left(len(ids)), top)
+        params = [body.sampling_params(max_tokens, top)]
     except ValueError as exc:
-        raise bad_request(exc, set(ChatCompletionRequest.model_fields), "messages") from exc
-    return [ids], [params]
+        raise bad_request(exc, fields, "messages") from exc
+    params = ctx.admit([ids], params, body.n, api_key, fields, "messages")
+    return ChatRenderer(ctx, body, [ids]), params
 
 
 class ChatRenderer(Renderer):

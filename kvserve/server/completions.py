@@ -6,6 +6,7 @@ from typing import Any
 
 from kvserve.engine.output import RequestOutput
 from kvserve.sampling_params import SamplingParams
+from kvserve.server.admission import check_shape, check_token_ids
 from kvserve.server.errors import APIError, bad_request
 from kvserve.server.logprobs import completion_logprobs
 from kvserve.server.protocol import CompletionRequest
@@ -13,19 +14,29 @@ from kvserve.server.render import ChoiceState, Renderer
 from kvserve.server.serving import ServerContext
 
 
-def prepare(ctx: ServerContext, body: CompletionRequest
-            ) -> tuple[list[list[int]], list[SamplingParams]]:
-    """Token ids and sampling params of each prompt; raises APIError for a bad request."""
+def prepare(ctx: ServerContext, body: CompletionRequest, api_key: str | None
+            ) -> tuple[CompletionRenderer, list[SamplingParams]]:
+    """The renderer (which holds the token ids of each prompt) and the sampling params of each
+    prompt, admitted; raises APIError for a bad request. Runs in a worker thread."""
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo with logprobs needs the prompt's logprobs, which this server "
                             "does not compute; drop one of them", "echo")
-    prompts = [ctx.tokenize(p, "prompt") if isinstance(p, str) else p for p in body.prompt]
+    check_shape(ctx.config, body.n, body.stop, len(body.prompt))
+    prompts = []
+    for p in body.prompt:
+        ids = ctx.tokenize(p, "prompt") if isinstance(p, str) else p
+        check_token_ids(ids, ctx.vocab_size, "prompt")
+        prompts.append(ids)
+    fields = set(CompletionRequest.model_fields)
+    num_choices = body.n * len(prompts)
     try:
-        params = [body.sampling_params(body.max_tokens or ctx.max_tokens_left(len(ids)),
-                                       body.logprobs) for ids in prompts]
+        params = [body.sampling_params(
+            body.max_tokens or ctx.max_tokens_left(len(ids), num_choices, body.use_kv_cache),
+            body.logprobs) for ids in prompts]
     except ValueError as exc:
-        raise bad_request(exc, set(CompletionRequest.model_fields), "prompt") from exc
-    return prompts, params
+        raise bad_request(exc, fields, "prompt") from exc
+    params = ctx.admit(prompts, params, body.n, api_key, fields, "prompt")
+    return CompletionRenderer(ctx, body, prompts), params
 
 
 class CompletionRenderer(Renderer):
@@ -36,6 +47,7 @@ class CompletionRenderer(Renderer):
                  prompts: list[list[int]]) -> None:
         super().__init__(ctx, body, prompts)
         self.completion = body
+        # Token ids were checked (check_token_ids) before this decodes them.
         self._echo = ([p if isinstance(p, str) else ctx.tokenizer.decode(p) for p in body.prompt]
                       if body.echo else None)
 

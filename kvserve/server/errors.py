@@ -55,8 +55,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, "the request body must be a JSON object, sent with "
                              "'Content-Type: application/json'")
     param = str(loc[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"Unknown parameter: '{param}'. This server refuses a field it does "
+                             f"not implement rather than ignore it.", param, "unknown_parameter")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return APIError(400, f"{param}: {message}", param)
+    code = "unsupported_parameter" if first.get("type") == "unsupported_parameter" else None
+    return APIError(400, f"{param} {message}" if code else f"{param}: {message}", param, code)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI routes and the legacy ``/generate``, and their SamplingParams.
 
-Strict types (a string is not a number), OpenAI's ranges, and unknown fields accepted: OpenAI
-clients send ``user``, ``logit_bias: null`` and friends, which must not fail a request.
+Strict types (a string is not a number), OpenAI's ranges, and no field ignored: a field is
+implemented, accepted because it cannot change the output (``user``, ``metadata``,
+``logit_bias: null`` ...), or refused with a 400 naming it. An unknown field is refused too.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from kvserve.sampling_params import SamplingParams
 
@@ -19,11 +21,17 @@ _SEED_RANGE = 2**63
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # padding against length side channels: none here
+
+
+def unsupported(message: str) -> PydanticCustomError:
+    """A field this server does not implement yet; the 400 carries code unsupported_parameter."""
+    return PydanticCustomError("unsupported_parameter", message)
 
 
 class SamplingRequest(OpenAIModel):
@@ -44,6 +52,13 @@ class SamplingRequest(OpenAIModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # Accepted because they never change the output: bookkeeping and routing hints.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # kvserve extensions.
     cache_salt: str | None = None
     use_kv_cache: bool = True
@@ -59,7 +74,14 @@ class SamplingRequest(OpenAIModel):
     @classmethod
     def _neutral(cls, value: Any) -> Any:
         if value:
-            raise ValueError("is not supported by this server (only 0, {} or null)")
+            raise unsupported("is not supported by this server (only 0, {} or null)")
+        return value
+
+    @field_validator("cache_salt", mode="before")
+    @classmethod
+    def _salt_not_empty(cls, value: Any) -> Any:
+        if value == "":
+            raise ValueError("must not be empty: leave it out (or null) for no salt")
         return value
 
     @property
@@ -81,6 +103,23 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, ge=1)  # None: up to the end of the context
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    best_of: int | None = None  # accepted when it equals n: nothing to choose between
+    suffix: str | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: Any) -> Any:
+        if value:
+            raise unsupported("is not supported yet (insertion needs a fill-in-the-middle "
+                              "model); leave it out")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, info.data.get("n", 1)):
+            raise unsupported("is not supported yet; leave it out or set it to n")
+        return value
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -123,6 +162,35 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Accepted only with the values that leave the output plain text.
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if value is not None and value != {"type": "text"}:
+            raise unsupported('is not supported yet: only {"type": "text"}; JSON output and '
+                              "schemas are not implemented")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: Any) -> Any:
+        if value:
+            raise unsupported("are not supported yet: tool calling is not implemented; leave "
+                              "tools out")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, "none") and not (value == "auto" and not info.data.get("tools")):
+            raise unsupported("is not supported yet: tool calling is not implemented; leave it "
+                              "out or send 'none'")
+        return value
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from kvserve.server.async_engine import AsyncEngine
 
 
+class RequestTimeoutError(RuntimeError):
+    """The request ran longer than the server's request timeout; it was aborted."""
+
+
 class RequestGroup:
     """The engine requests behind one HTTP request: n choices of one or several prompts.
 
@@ -20,8 +24,10 @@ class RequestGroup:
     schedules with ``call_soon_threadsafe``.
     """
 
-    def __init__(self, owner: AsyncEngine, request_ids: list[str]) -> None:
+    def __init__(self, owner: AsyncEngine, request_ids: list[str],
+                 deadline: float | None = None) -> None:
         self.request_ids = request_ids
+        self.deadline = deadline  # time.monotonic() after which outputs() raises
         self.first_output_time: float | None = None  # perf_counter, seen on the event loop
         self._owner = owner
         self._queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
@@ -32,21 +38,31 @@ class RequestGroup:
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(index, output) as the engine produces them, until every request has finished.
 
-        Raises the exception the engine thread sent instead of an output (EngineDeadError,
-        RequestFailedError)."""
+        Raises the exception sent instead of an output (EngineDeadError, RequestFailedError,
+        ShuttingDownError), or RequestTimeoutError once the deadline has passed."""
         while self._unfinished:
-            index, item = await self._queue.get()
+            index, item = await self._next()
             if isinstance(item, Exception):
                 raise item
             if item.finished:
                 self._unfinished.discard(index)
             yield index, item
 
+    async def _next(self) -> tuple[int, RequestOutput | Exception]:
+        if self.deadline is None:
+            return await self._queue.get()
+        try:
+            return await asyncio.wait_for(self._queue.get(), self.deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError("the request ran longer than this server allows "
+                                      "(--request-timeout); it was stopped") from None
+
     def close(self) -> None:
         """Abort whatever has not finished (the client went away, or an error); idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._owner.groups.discard(self)
         self._owner.num_waiting -= len(self._unstarted)
         self._unstarted.clear()
         for index in self._unfinished:

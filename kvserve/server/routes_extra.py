@@ -11,14 +11,16 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 
 from kvserve import __version__
 from kvserve.engine.engine import Engine
+from kvserve.sampling_params import SamplingParams
 from kvserve.server.async_engine import EngineDeadError
 from kvserve.server.errors import APIError, bad_request
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.protocol import GenerateRequest
-from kvserve.server.serving import Context, ServerContext, collect
+from kvserve.server.serving import Context, ServerContext, api_key_of, collect
 
 T = TypeVar("T")
 guarded = APIRouter()  # behind the API key, when there is one
@@ -28,14 +30,9 @@ open_router = APIRouter()
 @guarded.post("/generate")
 async def generate(body: GenerateRequest, request: Request, ctx: Context) -> dict[str, Any]:
     start = time.perf_counter()
-    ids = ctx.tokenize(body.prompt, "prompt")
+    ids, params = await run_in_threadpool(_prepare, ctx, body, api_key_of(request))
     tokenized = time.perf_counter()
-    try:
-        params = body.sampling_params()
-    except ValueError as exc:
-        raise bad_request(exc, set(GenerateRequest.model_fields), "prompt") from exc
-    group = ctx.submit([ids], [params], 1, f"gen-{uuid.uuid4().hex}",
-                       GenerateRequest.model_fields, "prompt")
+    group = ctx.submit([ids], params, 1, f"gen-{uuid.uuid4().hex}")
     [out] = await collect(group, request)
     end = time.perf_counter()
     first = group.first_output_time or end
@@ -54,6 +51,19 @@ async def generate(body: GenerateRequest, request: Request, ctx: Context) -> dic
             "prefix_tokens_saved": out.num_cached_tokens,
         },
     }
+
+
+def _prepare(ctx: ServerContext, body: GenerateRequest, api_key: str | None
+             ) -> tuple[list[int], list[SamplingParams]]:
+    """Token ids and admitted params; runs in a worker thread."""
+    ids = ctx.tokenize(body.prompt, "prompt")
+    fields = set(GenerateRequest.model_fields)
+    try:
+        params = [body.sampling_params()]
+    except ValueError as exc:
+        raise bad_request(exc, fields, "prompt") from exc
+    return ids, ctx.admit([ids], params, 1, api_key, fields, "prompt", "max_new_tokens",
+                          "use_cache")
 
 
 @guarded.get("/cache/stats")

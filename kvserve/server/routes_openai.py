@@ -6,12 +6,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from kvserve.sampling_params import SamplingParams
 from kvserve.server import chat, completions
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from kvserve.server.render import Renderer
-from kvserve.server.serving import Context, EventStream, ServerContext, collect
+from kvserve.server.serving import Context, EventStream, ServerContext, api_key_of, collect
 
 router = APIRouter()
 
@@ -36,24 +37,23 @@ def _model_card(ctx: ServerContext) -> dict[str, Any]:
 async def create_completion(body: CompletionRequest, request: Request,
                             ctx: Context) -> Response:
     ctx.check_model(body.model)
-    prompts, params = completions.prepare(ctx, body)
-    return await _respond(completions.CompletionRenderer(ctx, body, prompts), params, request,
-                          "prompt")
+    renderer, params = await run_in_threadpool(completions.prepare, ctx, body,
+                                               api_key_of(request))
+    return await _respond(renderer, params, request)
 
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  ctx: Context) -> Response:
     ctx.check_model(body.model)
-    prompts, params = chat.prepare(ctx, body)
-    return await _respond(chat.ChatRenderer(ctx, body, prompts), params, request, "messages")
+    renderer, params = await run_in_threadpool(chat.prepare, ctx, body, api_key_of(request))
+    return await _respond(renderer, params, request)
 
 
-async def _respond(renderer: Renderer, params: list[SamplingParams], request: Request,
-                   prompt_param: str) -> Response:
+async def _respond(renderer: Renderer, params: list[SamplingParams],
+                   request: Request) -> Response:
     body = renderer.body
-    group = renderer.ctx.submit(renderer.prompts, params, body.n, renderer.id,
-                                type(body).model_fields, prompt_param)
+    group = renderer.ctx.submit(renderer.prompts, params, body.n, renderer.id)
     if body.stream:
         return EventStream(renderer.chunks(group), group)
     return JSONResponse(renderer.response(await collect(group, request)))

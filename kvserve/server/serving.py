@@ -16,12 +16,16 @@ from starlette.types import Receive, Scope, Send
 from kvserve.engine.output import RequestOutput
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.sampling_params import SamplingParams
+from kvserve.server import admission
 from kvserve.server.async_engine import (
     AsyncEngine,
     EngineDeadError,
     QueueFullError,
     RequestFailedError,
+    RequestTimeoutError,
+    ShuttingDownError,
 )
+from kvserve.server.config import ServerConfig
 from kvserve.server.errors import APIError, bad_request, error_body
 from kvserve.server.logprobs import TokenText
 from kvserve.server.metrics import ServerMetrics
@@ -42,39 +46,66 @@ class ServerContext:
     fingerprint: str
     max_model_len: int
     num_pool_tokens: int
-    api_key: str | None = None
+    vocab_size: int
+    config: ServerConfig = field(default_factory=ServerConfig)
     weights: str = ""  # which weights run: a dtype, or GGUF blocks computed on natively
     max_num_seqs: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self.token_text = TokenText(self.tokenizer)
+        self.max_text_chars = self.max_model_len * admission.longest_token_chars(self.tokenizer)
+        self.tenants = ({key: admission.tenant_salt(key) for key in self.config.api_key}
+                        if self.config.isolate_tenants else {})
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
                                 f"{self.model_name!r}", "model", "model_not_found")
 
-    def tokenize(self, text: str, param: str) -> list[int]:
+    def tokenize(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text; a worker thread's work (it takes seconds for megabytes)."""
         check_unicode(text, param)
-        return self.tokenizer.encode(text)
+        if len(text) > self.max_text_chars:
+            raise APIError(400, f"{param} is {len(text):,} characters, more than a context of "
+                                f"{self.max_model_len} tokens can hold; shorten it", param)
+        return admission.encode(self.tokenizer, text, add_special_tokens)
 
-    def max_tokens_left(self, num_prompt_tokens: int) -> int:
-        """The default when a request sets no limit: up to the context or KV pool end."""
-        return max(1, min(self.max_model_len, self.num_pool_tokens + 1) - num_prompt_tokens)
+    def max_tokens_left(self, num_prompt_tokens: int, num_choices: int = 1,
+                        use_kv_cache: bool = True) -> int:
+        """The default when a request sets no limit: up to the context or KV pool end,
+        within the server's limits."""
+        room = min(self.max_model_len, self.num_pool_tokens + 1) - num_prompt_tokens
+        return admission.default_max_tokens(self.config, room, num_prompt_tokens, num_choices,
+                                            use_kv_cache)
+
+    def admit(self, prompts: list[list[int]], params: list[SamplingParams], n: int,
+              api_key: str | None, fields: Iterable[str], prompt_param: str,
+              max_tokens_param: str = "max_tokens",
+              no_cache_param: str = "use_kv_cache") -> list[SamplingParams]:
+        """Check what the request asks for against the server's limits, the context and the
+        pool; returns its params with the tenant's cache salt. A worker thread's work."""
+        params = [admission.salted(p, self.tenants.get(api_key or "")) for p in params]
+        try:
+            for ids, p in zip(prompts, params):
+                self.engine.check_fits(ids, p)
+        except ValueError as exc:
+            raise bad_request(exc, set(fields), prompt_param) from exc
+        admission.check_cost(self.config, prompts, params, n, max_tokens_param, no_cache_param)
+        return params
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], n: int,
-               request_id: str, fields: Iterable[str], prompt_param: str) -> RequestGroup:
-        """Queue n choices of each prompt (choice i*n + j is prompt i's j-th), or raise."""
+               request_id: str) -> RequestGroup:
+        """Queue n choices of each admitted prompt (choice i*n + j is prompt i's j-th)."""
         requests = [(ids, with_seed_offset(p, j)) for ids, p in zip(prompts, params)
                     for j in range(n)]
         try:
-            return self.engine.submit(requests, request_id)
+            return self.engine.submit(requests, request_id, self.config.request_timeout)
         except ValueError as exc:
-            raise bad_request(exc, set(fields), prompt_param) from exc
+            raise APIError(400, str(exc), "n") from exc
         except QueueFullError as exc:
             raise APIError(503, str(exc), headers={"Retry-After": "1"}) from exc
-        except EngineDeadError as exc:
+        except (EngineDeadError, ShuttingDownError) as exc:
             raise APIError(503, str(exc)) from exc
 
 
@@ -88,6 +119,11 @@ def check_unicode(text: str, param: str) -> None:
 
 def get_context(request: Request) -> ServerContext:
     return request.app.state.ctx
+
+
+def api_key_of(request: Request) -> str | None:
+    """The API key the request was let in with (set by the app's key check), if any."""
+    return getattr(request.state, "api_key", None)
 
 
 Context = Annotated[ServerContext, Depends(get_context)]
@@ -123,8 +159,10 @@ async def collect(group: RequestGroup, request: Request) -> list[RequestOutput]:
             raise APIError(499, "client disconnected")
         try:
             work.result()
-        except EngineDeadError as exc:
+        except (EngineDeadError, ShuttingDownError) as exc:
             raise APIError(503, str(exc)) from exc
+        except RequestTimeoutError as exc:
+            raise APIError(408, str(exc), code="request_timeout") from exc
         except RequestFailedError as exc:
             raise APIError(500, str(exc)) from exc
         return [finals[i] for i in range(len(group.request_ids))]
@@ -145,8 +183,10 @@ async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     try:
         async for chunk in chunks:
             yield f"data: {json.dumps(chunk)}\n\n"
-    except EngineDeadError as exc:
+    except (EngineDeadError, ShuttingDownError) as exc:
         yield f"data: {json.dumps(error_body(503, str(exc)))}\n\n"
+    except RequestTimeoutError as exc:
+        yield f"data: {json.dumps(error_body(408, str(exc), code='request_timeout'))}\n\n"
     except RequestFailedError as exc:
         yield f"data: {json.dumps(error_body(500, str(exc)))}\n\n"
     yield "data: [DONE]\n\n"

@@ -58,8 +58,8 @@ class Server:
 
     @property
     def auth(self) -> dict[str, str]:
-        key = self.ctx.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        keys = self.ctx.config.api_key
+        return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
 
 
 @contextmanager

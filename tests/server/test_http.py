@@ -137,6 +137,25 @@ BAD_INPUTS = [
     (CHAT, {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
     (CHAT, {"messages": USER, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     (CHAT, {"messages": USER, "logprobs": 1}, "logprobs"),
+    # Refused, never ignored: unknown fields, and fields that would change the output.
+    (COMPLETIONS, {"prompt": "x", "something_new": 1}, "something_new"),
+    (COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": True, "x": 1}},
+     "stream_options.x"),
+    (COMPLETIONS, {"prompt": "x", "suffix": "end"}, "suffix"),
+    (COMPLETIONS, {"prompt": "x", "best_of": 3}, "best_of"),
+    (COMPLETIONS, {"prompt": "x", "cache_salt": ""}, "cache_salt"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools"),
+    (CHAT, {"messages": USER, "tool_choice": "required"}, "tool_choice"),
+    (CHAT, {"messages": USER, "functions": [{"name": "f"}]}, "functions"),
+    (CHAT, {"messages": USER, "reasoning_effort": "high"}, "reasoning_effort"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
+    ("/generate", {"prompt": "x", "max_tokens": 4}, "max_tokens"),
+    # Token ids are checked before anything detokenizes them (echo).
+    (COMPLETIONS, {"prompt": [-1], "echo": True}, "prompt"),
+    (COMPLETIONS, {"prompt": [[5], [10**9]], "echo": True}, "prompt"),
+    (COMPLETIONS, {"prompt": [2**70], "echo": True, "stream": True}, "prompt"),
     ("/generate", {"max_new_tokens": 4}, "prompt"),
     ("/generate", {"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
     ("/generate", {"prompt": "x", "use_cache": "true"}, "use_cache"),
@@ -152,6 +171,27 @@ def test_bad_input_is_a_400_naming_the_field(client, route, body, param):
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
+
+
+def test_refusals_say_why_with_a_code(client):
+    r = client.post(CHAT, json={"messages": USER, "temperature": 0, "logit_bias_x": 1})
+    error = r.json()["error"]
+    assert error["code"] == "unknown_parameter" and "'logit_bias_x'" in error["message"]
+    r = client.post(CHAT, json={"messages": USER, "response_format": {"type": "json_schema"}})
+    error = r.json()["error"]
+    assert error["code"] == "unsupported_parameter" and "not supported yet" in error["message"]
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted(client):
+    body = {"messages": USER, "max_tokens": 1, "user": "u", "metadata": {"k": "v"},
+            "store": False, "service_tier": "auto", "response_format": {"type": "text"},
+            "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
+            "prompt_cache_key": "k", "safety_identifier": "s", "presence_penalty": 0,
+            "frequency_penalty": 0, "logit_bias": {}, "stream_options": None}
+    assert client.post(CHAT, json=body).status_code == 200
+    r = client.post(COMPLETIONS, json={"prompt": [5, 6], "echo": True, "max_tokens": 1,
+                                       "best_of": 1, "suffix": ""})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
 
 
 @pytest.mark.parametrize("content", [b"{", b"not json", b"[1, 2]", b'"text"', b"", b"null",

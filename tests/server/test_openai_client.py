@@ -128,9 +128,20 @@ def test_openai_client_extras_are_accepted(oai, model):
     out = oai.completions.create(
         model=model, prompt=PROMPT, max_tokens=4, temperature=0, user="someone",
         presence_penalty=0, frequency_penalty=0, logit_bias=None,
+        best_of=1, suffix=None,
         extra_body={"cache_salt": "tenant-a", "use_prefix_cache": False, "top_k": 5,
-                    "min_p": 0.01, "ignore_eos": True, "something_new": [1, 2]})
+                    "min_p": 0.01, "ignore_eos": True, "metadata": {"team": "a"}})
     assert out.usage.completion_tokens == 4
+    chat = oai.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=2, temperature=0, user="someone",
+        metadata={"team": "a"}, store=False, service_tier="auto", response_format={"type": "text"},
+        tool_choice="none", parallel_tool_calls=False, stream_options=None)
+    assert chat.usage.completion_tokens <= 2
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.completions.create(model=model, prompt=PROMPT, max_tokens=4,
+                               extra_body={"something_new": [1, 2]})
+    assert refused.value.body["param"] == "something_new"
+    assert refused.value.body["code"] == "unknown_parameter"
 
 
 def test_repeated_long_prompt_reports_cached_tokens(oai, model):
