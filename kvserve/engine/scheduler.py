@@ -83,7 +83,8 @@ class Scheduler:
                 break
             if request.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens,
+                          self._budget_for(request, budget))
             if self._guarded(request, self._allocate_or_preempt, request, num_new, out):
                 out.scheduled.append(self._scheduled(request, num_new))
                 budget -= num_new
@@ -105,6 +106,14 @@ class Scheduler:
         out.saves = self.take_saves()
         return out
 
+    def _budget_for(self, request: Request, budget: int) -> int:
+        """The tokens ``request`` may compute of what is left of this step's budget. A request
+        without a KV cache recomputes its whole sequence for every token, so it takes at most
+        half of a step (chunked over several if longer): the others always get the rest."""
+        if request.params.use_kv_cache:
+            return budget
+        return min(budget, max(1, self.config.max_num_batched_tokens // 2))
+
     def _guarded(self, request: Request, fn, *args):
         """``fn(*args)``, or None after finishing ``request`` alone with ``error``."""
         try:
@@ -124,7 +133,7 @@ class Scheduler:
         request.stats.cache_lookup_time += time.perf_counter() - start
         # An exact repeat samples its first token from kept logits: nothing to compute yet.
         num_new = 0 if hit.logits is not None else min(request.num_tokens - hit.num_tokens,
-                                                       budget)
+                                                       self._budget_for(request, budget))
         if not self.kv.allocate_slots(request, num_new, hit):
             return None
         self._record_hit(request, hit)

@@ -106,6 +106,19 @@ def test_no_cache_policy_recomputes_the_whole_sequence_each_step():
     assert s.kv.num_free_blocks == 100
 
 
+def test_a_no_cache_request_takes_at_most_half_of_a_step():
+    s = make(budget=16)
+    s.add(req("a", 14, max_tokens=3, use_kv_cache=False))
+    s.add(req("b", 30))
+    assert plan(fake_step(s)) == [("a", 8), ("b", 8)]  # a chunked to half, b the rest
+    assert plan(fake_step(s)) == [("a", 6), ("b", 10)]  # a samples its first token
+    assert plan(fake_step(s)) == [("a", 8), ("b", 8)]  # a recomputes all 15 tokens
+    assert plan(fake_step(s)) == [("a", 7), ("b", 4)]  # both end their sequence
+    assert plan(fake_step(s)) == [("b", 1), ("a", 8)]  # b decodes first, a starts again
+    a = next(r for r in s.running if r.request_id == "a")
+    assert a.output_token_ids == [7, 7] and a.stats.work_tokens == 14 + 15 + 8
+
+
 def test_kv_cache_policy_computes_each_token_once():
     s = make(budget=100)
     r = req("a", 5, max_tokens=4)
