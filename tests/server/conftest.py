@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +56,16 @@ class Server:
             time.sleep(0.05)
         assert self.on_engine(lambda e: (e.check_integrity(), e.has_unfinished()))[1] is False
         return stats
+
+    @contextmanager
+    def options(self, **changes: Any) -> Iterator[Server]:
+        """The server with other ServerConfig values (those read per request) for a while."""
+        before = self.ctx.config
+        self.ctx.config = dataclasses.replace(before, **changes)
+        try:
+            yield self
+        finally:
+            self.ctx.config = before
 
     @property
     def auth(self) -> dict[str, str]:

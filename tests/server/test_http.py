@@ -228,11 +228,13 @@ def test_odd_inputs_never_give_a_500(client):
            {"prompt": "x", "stop": [None]}, {"prompt": {"a": 1}}, {"prompt": "x", "seed": 2**70},
            {"prompt": [True, False]}, {"prompt": "x", "temperature": 1e-300, "max_tokens": 2},
            {"prompt": "\x00" * 50, "max_tokens": 2},
-           {"prompt": "x", "logprobs": None, "max_tokens": 2, "top_k": 10**12}]
+           {"prompt": "x", "logprobs": None, "max_tokens": 2, "top_k": 10**12},
+           {"prompt": "x", "max_tokens": 2, "top_p": 5e-324}]  # 0 in float32: found by fuzzing
     for body in odd:
         r = client.post(COMPLETIONS, content=json.dumps(body, allow_nan=True),
                         headers={"Content-Type": "application/json"})
         assert r.status_code in (200, 400), (body, r.text)
+    assert r.status_code == 200  # the tiny top_p keeps the most likely token alone
     assert client.get("/health").status_code == 200
 
 

@@ -30,9 +30,9 @@ def sse_events(url: str, body: dict, events: list, headers: dict | None = None) 
         events.extend(line[6:] for line in r.iter_lines() if line.startswith("data: "))
 
 
-@pytest.fixture(scope="module")
-def impatient(start_server):
-    with start_server(request_timeout=0.5) as s:
+@pytest.fixture
+def impatient(server):
+    with server.options(request_timeout=0.5) as s:
         yield s
 
 

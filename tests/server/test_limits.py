@@ -12,13 +12,13 @@ import pytest
 from kvserve.server.admission import encode
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
-LIMITS = {"max_body_size": 64 << 10, "max_prompts": 3, "max_n": 2, "max_stop_strings": 2,
-          "max_stop_length": 8, "max_request_tokens": 40, "max_no_cache_tokens": 24}
+LIMITS = {"max_prompts": 3, "max_n": 2, "max_stop_strings": 2, "max_stop_length": 8,
+          "max_request_tokens": 40, "max_no_cache_tokens": 24}
 
 
-@pytest.fixture(scope="module")
-def limited(start_server):
-    with start_server(**LIMITS) as s:
+@pytest.fixture
+def limited(server):
+    with server.options(**LIMITS) as s:
         yield s
 
 
@@ -71,21 +71,21 @@ def test_within_the_limits_requests_run(limited):
     limited.wait_idle()
 
 
-def test_a_body_over_the_limit_is_a_413_before_or_while_it_is_read(limited):
-    big = json.dumps({"prompt": "x" * (70 << 10)}).encode()
-    r = httpx.post(limited.url + COMPLETIONS, content=big,
+def test_a_body_over_the_limit_is_a_413_before_or_while_it_is_read(server):
+    big = json.dumps({"prompt": "x" * (2 << 20)}).encode()  # over the default 2 MiB
+    r = httpx.post(server.url + COMPLETIONS, content=big,
                    headers={"Content-Type": "application/json"})
     assert_error(r, 413, None, "--max-body-size")
     assert r.json()["error"]["code"] == "request_too_large"
 
     def chunks():  # no Content-Length: counted as it arrives
-        for i in range(0, len(big), 8192):
-            yield big[i:i + 8192]
+        for i in range(0, len(big), 1 << 16):
+            yield big[i:i + (1 << 16)]
 
-    r = httpx.post(limited.url + COMPLETIONS, content=chunks(),
+    r = httpx.post(server.url + COMPLETIONS, content=chunks(),
                    headers={"Content-Type": "application/json"})
     assert_error(r, 413, None, "--max-body-size")
-    assert httpx.get(limited.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_the_gil_free_encode_gives_the_tokenizer_s_ids(server):
