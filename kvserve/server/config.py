@@ -38,7 +38,7 @@ class ServerConfig:
         False, "derive each request's cache salt from its API key, so no key ever hits (or "
                "sees the timing of) a prefix cached for another; needs an API key")
     served_model_name: str | None = option(None, "the model name clients send (default: the "
-                                                 "model's own name)")
+                                                 "model's own name)", metavar="NAME")
     max_waiting: int | None = option(None, "requests waiting for their first token before new "
                                            "ones get 503 (default: no limit)", minimum=1)
     max_body_size: int = option(
@@ -66,7 +66,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.api_key, str):
             object.__setattr__(self, "api_key", (self.api_key,))
-        object.__setattr__(self, "api_key", tuple(self.api_key))
+        object.__setattr__(self, "api_key", tuple(self.api_key or ()))
         if self.api_key_file is not None:
             keys = read_key_file(self.api_key_file)
             object.__setattr__(self, "api_key", self.api_key + keys)
@@ -113,15 +113,17 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
             continue
         if meta["repeat"]:
-            group.add_argument(flag, dest=f.name, action="append", default=[],
+            group.add_argument(flag, dest=f.name, action="append", default=None,
                                metavar=meta["metavar"], help=meta["help"])
             continue
         shown = f.default
         if meta["size"]:
             shown = format_size(f.default).replace(" ", "")
         help_text = meta["help"] if f.default is None else f"{meta['help']} (default: {shown})"
+        metavar = meta["metavar"] or ("SIZE" if meta["size"] else "N" if f.type in (
+            "int", "int | None") else None)
         group.add_argument(flag, dest=f.name, default=f.default, type=_cli_type(f, meta),
-                           metavar=meta["metavar"], help=help_text)
+                           metavar=metavar, help=help_text)
 
 
 def _cli_type(f: dataclasses.Field, meta: dict[str, Any]) -> Callable[[str], Any]:
