@@ -93,7 +93,7 @@ def completion(url: str, prompt: str) -> httpx.Response:
                       json={"prompt": prompt, "max_tokens": 1, "temperature": 0})
 
 
-def test_sigterm_drains_flushes_the_disk_tier_and_exits_0(tmp_path, checkpoint):
+def test_sigterm_drains_flushes_the_disk_tier_and_exits_0(tmp_path):
     # An 8 MiB pool is 11 blocks of 16 tokens: eight prompts of two full blocks evict the
     # first ones to the disk tier (written behind; shutdown must flush them).
     folder = tmp_path / "kv"
@@ -124,9 +124,10 @@ def test_sigterm_drains_flushes_the_disk_tier_and_exits_0(tmp_path, checkpoint):
     assert cut_events[0] == 200 and cut_events[-1] == "[DONE]"
     error = json.loads(cut_events[-2])["error"]
     assert error["type"] == "service_unavailable_error" and "--shutdown-timeout" in error["message"]
-    # A restarted engine reads the flushed blocks back.
-    config = EngineConfig(device="cpu", kv_cache_memory=8 << 20, kv_disk_cache=str(folder))
-    llm = LLM(config=config, model=checkpoint)
+    # A restarted engine (the server's own settings, weights loaded the same way) reads the
+    # flushed blocks back.
+    llm = LLM(config=EngineConfig(device="cpu", kv_cache_memory=8 << 20,
+                                  kv_disk_cache=str(folder)))
     try:
         [out] = llm.generate([prompts[0]], SamplingParams(max_tokens=1, temperature=0))
         assert out.cached_tokens_by_tier.get("disk", 0) >= 16
