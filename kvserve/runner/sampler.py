@@ -31,6 +31,7 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest set whose mass reaches top_p (the first token always stays).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        drop[0] = False  # a top_p that rounds to 0 in float32 must not drop it too
         probs = probs.scatter(0, order[drop], 0.0)
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
