@@ -32,6 +32,7 @@ class BlockPool:
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
         self.index: dict[bytes, int] = {}  # hash -> the one block holding that prefix
         self.queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.num_cached = 0  # unreferenced blocks that still hold a registered prefix
         self.on_evict: EvictHook | None = None
         self.peak_used = 0
         self.num_evictions = 0
@@ -45,11 +46,6 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - len(self.queue)
 
-    @property
-    def num_cached(self) -> int:
-        """Unreferenced blocks that still hold a registered prefix."""
-        return sum(1 for b in self.queue if self.block_hash[b] is not None)
-
     def allocate(self, n: int) -> list[int]:
         if n > len(self.queue):
             raise MemoryError(f"asked for {n} KV blocks, {len(self.queue)} free")
@@ -57,6 +53,7 @@ class BlockPool:
         for _ in range(n):
             block_id, _ = self.queue.popitem(last=False)
             if self.block_hash[block_id] is not None:
+                self.num_cached -= 1
                 self._evict(block_id)
             self.ref_counts[block_id] = 1
             ids.append(block_id)
@@ -68,6 +65,7 @@ class BlockPool:
         for block_id in block_ids:
             if self.ref_counts[block_id] == 0:
                 del self.queue[block_id]
+                self.num_cached -= self.block_hash[block_id] is not None
             self.ref_counts[block_id] += 1
         self.peak_used = max(self.peak_used, self.num_used)
 
@@ -80,6 +78,8 @@ class BlockPool:
                 self.queue[block_id] = None
                 if self.block_hash[block_id] is None:
                     self.queue.move_to_end(block_id, last=False)
+                else:
+                    self.num_cached += 1
 
     def cache(self, block_id: int, block_hash: bytes, tokens: tuple[int, ...]) -> None:
         """Register a full block under its prefix hash (first writer wins)."""
@@ -88,6 +88,7 @@ class BlockPool:
         self.index[block_hash] = block_id
         self.block_hash[block_id] = block_hash
         self.block_tokens[block_id] = tokens
+        self.num_cached += self.ref_counts[block_id] == 0
 
     def lookup(self, block_hash: bytes, tokens: Sequence[int]) -> int | None:
         """The block holding exactly these tokens under this hash; a hash alone is not trusted."""
@@ -99,6 +100,7 @@ class BlockPool:
     def drop_cached(self) -> int:
         """Forget every unreferenced cached block (never one in use); returns how many."""
         dropped = [b for b in self.queue if self.block_hash[b] is not None]
+        self.num_cached -= len(dropped)
         for block_id in dropped:
             self._forget(block_id)
             self.queue.move_to_end(block_id, last=False)
@@ -131,3 +133,5 @@ class BlockPool:
         for block_hash, block_id in self.index.items():
             assert self.block_hash[block_id] == block_hash, f"index entry of {block_id} is stale"
         assert len(self.index) == sum(h is not None for h in self.block_hash), "unindexed hash"
+        assert self.num_cached == sum(self.block_hash[b] is not None for b in self.queue), \
+            "the count of cached blocks drifted"

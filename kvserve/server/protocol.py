@@ -17,9 +17,6 @@ from kvserve.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 _GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing by them overflows)
-# Any top_p up to the most likely token's probability (>= 1 / vocab) keeps that token alone;
-# one that rounds to 0 in float32 would keep none, so tiny values are raised to this.
-_MIN_TOP_P = 1e-7
 _SEED_RANGE = 2**63
 
 
@@ -95,7 +92,7 @@ class SamplingRequest(OpenAIModel):
         temperature = 1.0 if self.temperature is None else self.temperature
         return make_sampling_params(
             max_tokens=max_tokens, temperature=0.0 if temperature < _GREEDY_BELOW else temperature,
-            top_p=_top_p(self.top_p), top_k=self.top_k, min_p=self.min_p, seed=self.seed,
+            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
             stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
             use_kv_cache=self.use_kv_cache, use_prefix_cache=self.use_prefix_cache,
             cache_salt=self.cache_salt)
@@ -214,12 +211,8 @@ class GenerateRequest(OpenAIModel):
     def sampling_params(self) -> SamplingParams:
         temperature = 0.0 if self.temperature < _GREEDY_BELOW else self.temperature
         return make_sampling_params(
-            max_tokens=self.max_new_tokens, temperature=temperature, top_p=_top_p(self.top_p),
+            max_tokens=self.max_new_tokens, temperature=temperature, top_p=self.top_p,
             seed=self.seed, use_kv_cache=self.use_cache, use_prefix_cache=self.use_prefix_cache)
-
-
-def _top_p(top_p: float | None) -> float | None:
-    return None if top_p is None else max(top_p, _MIN_TOP_P)
 
 
 def _is_token_ids(value: Any) -> bool:

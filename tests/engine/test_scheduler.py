@@ -171,3 +171,13 @@ def test_lpm_serves_the_longest_cached_prefix_first():
     s.add(Request("hot", list(warm.prompt_token_ids) + [5], SamplingParams(max_tokens=1)))
     out = s.schedule()
     assert plan(out) == [("hot", 1)]  # 12 cached tokens: only the new last one is computed
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token():
+    import torch
+
+    from kvserve.runner.sampler import filtered_probs
+
+    logits = torch.tensor([0.5, 3.0, 1.0])
+    probs = filtered_probs(logits, SamplingParams(top_p=5e-324))  # 0 in float32
+    assert probs[0] == probs[2] == 0 and probs[1] > 0  # not renormalized: sampling does it
