@@ -1,13 +1,14 @@
 """Faults injected on purpose, for tests: make one request fail at one stage of a step.
 
 Stages: ``schedule``, ``load`` (a tier block copied in), ``runner`` (its inputs and the
-forward pass), ``sample`` and ``detokenize``. Nothing is armed outside tests, and an
+forward pass), ``grammar`` (a constrained request's token mask), ``sample`` and
+``detokenize``. Nothing is armed outside tests, and an
 unarmed check costs one truth test.
 """
 
 from __future__ import annotations
 
-STAGES = ("schedule", "load", "runner", "sample", "detokenize")
+STAGES = ("schedule", "load", "runner", "grammar", "sample", "detokenize")
 _armed: set[tuple[str, str]] = set()
 
 

@@ -6,6 +6,7 @@ Plain values only. The runner never sees a ``Request`` or the cache; the schedul
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,9 @@ class ScheduledRequest:
 
     The last position is sampled when ``sample`` is set (it ends the sequence as known so
     far); a mid-prompt chunk samples nothing. An exact repeat computes nothing and samples
-    its first token from ``replay_logits``.
+    its first token from ``replay_logits``. Requests whose sampling reads the tokens so far
+    (penalties, min_tokens) or that want prompt logprobs carry their prompt and output ids
+    (read only).
     """
 
     request_id: str
@@ -51,6 +54,8 @@ class ScheduledRequest:
     keep_logits: bool = False  # hand back the sampled position's logits (exact repeats)
     replay_logits: Any = None
     loads: tuple[BlockLoad, ...] = ()
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
 
     @property
     def num_new_tokens(self) -> int:
@@ -62,6 +67,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     saves: list[BlockSave] = field(default_factory=list)  # done first, before any load
     finished_request_ids: list[str] = field(default_factory=list)  # drop per-request state
+    # Grammar-constrained requests that sample this step: request id -> the allowed tokens,
+    # a [ceil(vocab / 32)] int32 row of bits (filled by the engine from each request's grammar).
+    token_bitmasks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

@@ -13,7 +13,7 @@ RANKS = {
     "kvserve.cli": 7,
     "kvserve.server": 6, "kvserve.bench": 6,
     "kvserve.engine": 5,
-    "kvserve.runner": 4, "kvserve.cache": 4,
+    "kvserve.runner": 4, "kvserve.cache": 4, "kvserve.structured": 4,
     "kvserve.step": 3,
     "kvserve.model": 2,
     "kvserve.config": 1, "kvserve.sampling_params": 1, "kvserve.faults": 1,

@@ -36,6 +36,7 @@ from kvserve.model.tokenizer import IncrementalDecoder
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
 from kvserve.step import RunnerOutput, SchedulerOutput
+from kvserve.structured.grammar import GrammarCompiler
 from kvserve.units import format_size
 
 log = logging.getLogger("kvserve")
@@ -122,12 +123,13 @@ class Engine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  checkpoint.fingerprint, self.block_bytes, tiers,
                                  config.num_exact_repeats, fmt)
+        self.eos_ids = tuple(self.tokenizer.eos_token_ids)
         self.runner = ModelRunner(model, checkpoint.config, num_blocks, config.block_size,
-                                  dtype, self.device, num_threads)
+                                  dtype, self.device, num_threads, self.eos_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, checkpoint.config.vocab_size)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.schedule_policy), self.kv)
-        self.eos_ids = tuple(self.tokenizer.eos_token_ids)
         self._streams: dict[str, tuple[Request, str | None, TextStream]] = {}
         self._ids = itertools.count()
 
@@ -140,6 +142,8 @@ class Engine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_fits(ids, params)
         request = Request(request_id or f"req-{next(self._ids)}", ids, params)
+        if params.structured_outputs is not None:  # compiled already if the server saw it
+            request.grammar = self.grammars.matcher(params.structured_outputs)
         self.scheduler.add(request)
         decoder = IncrementalDecoder(self.tokenizer)
         self._streams[request.request_id] = (request, text, TextStream(decoder, params.stop))
@@ -153,6 +157,8 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -169,11 +175,34 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        failed = self._fill_token_bitmasks(out)
         result = self._execute(out)
+        result.errors.update(failed)
         outputs = [self._output(r) for r in self.scheduler.update(out, result)]
         if not self.scheduler.has_unfinished() and self.kv.saves:
             self._save_blocks()
         return outputs
+
+    def _fill_token_bitmasks(self, out: SchedulerOutput) -> dict[str, str]:
+        """Each constrained request that samples this step gets its grammar's allowed
+        tokens, one row of a step-wide bitmask; returns the requests whose grammar failed."""
+        rows = [(s.request_id, self.scheduler.requests[s.request_id].grammar)
+                for s in out.scheduled if s.sample]
+        rows = [(request_id, grammar) for request_id, grammar in rows if grammar is not None]
+        if not rows:
+            return {}
+        words = (self.model_config.vocab_size + 31) // 32
+        bitmask = torch.full((len(rows), words), -1, dtype=torch.int32)
+        failed = {}
+        for i, (request_id, grammar) in enumerate(rows):
+            try:
+                faults.check("grammar", request_id)
+                grammar.fill(bitmask, i)
+                out.token_bitmasks[request_id] = bitmask[i]
+            except Exception as exc:
+                log.exception("the grammar of request %s failed", request_id)
+                failed[request_id] = f"grammar failed: {exc!r}"
+        return failed
 
     def _save_blocks(self) -> None:
         """Going idle: copy the blocks the last step committed out to the remote tier now,
@@ -196,7 +225,9 @@ class Engine:
         for i, s in enumerate(out.scheduled):
             first = i == 0  # the step's block saves and dropped ids go with the first part
             part = SchedulerOutput([s], out.saves if first else [],
-                                   out.finished_request_ids if first else [])
+                                   out.finished_request_ids if first else [],
+                                   {k: v for k, v in out.token_bitmasks.items()
+                                    if k == s.request_id})
             try:
                 result.merge(self.runner.execute(part))
             except Exception as exc:
@@ -209,11 +240,13 @@ class Engine:
         if not request.is_finished:
             try:
                 faults.check("detokenize", request.request_id)
+                if request.grammar is not None:
+                    request.grammar.sync(request.output_token_ids)
                 reason = finish_reason(request, stream, self.eos_ids)
             except Exception as exc:
-                log.exception("detokenizing request %s failed", request.request_id)
+                log.exception("the output of request %s failed", request.request_id)
                 reason = "error"
-                request.error = f"detokenizing failed: {exc!r}"
+                request.error = f"output failed: {exc!r}"
             if reason is not None:
                 self.scheduler.finish(request, reason, request.error)
         delta = stream.take(finished=request.is_finished)

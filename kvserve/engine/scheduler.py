@@ -154,9 +154,12 @@ class Scheduler:
         sample = replay is not None or start + num_new == request.num_tokens
         keep = (sample and replay is None and request.num_output_tokens == 0
                 and self.kv.wants_logits(request))
+        history = request.params.needs_history or request.params.prompt_logprobs is not None
         return ScheduledRequest(
             request.request_id, request.token_ids_slice(start, start + num_new), start,
-            request.block_table, request.params, sample, keep, replay, tuple(loads or ()))
+            request.block_table, request.params, sample, keep, replay, tuple(loads or ()),
+            request.prompt_token_ids if history else (),
+            request.output_token_ids if history else ())
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Preempt the newest request not yet scheduled this step until ``request`` fits."""

@@ -20,7 +20,13 @@ from kvserve.model.cpu_kernels import paged_decode_kernel
 from kvserve.model.cuda_kernels import flashinfer_decode_kernel
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.runner.inputs import prepare_inputs
-from kvserve.runner.sampler import make_generator, sample_row, top_logprobs
+from kvserve.runner.sampler import (
+    apply_penalties,
+    apply_token_bitmask,
+    make_generator,
+    sample_row,
+    top_logprobs,
+)
 from kvserve.step import BlockSave, RunnerOutput, ScheduledRequest, SchedulerOutput
 
 log = logging.getLogger("kvserve")
@@ -29,8 +35,9 @@ log = logging.getLogger("kvserve")
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
                  block_size: int, dtype: torch.dtype, device: torch.device,
-                 num_threads: int = 1) -> None:
+                 num_threads: int = 1, eos_token_ids: tuple[int, ...] = ()) -> None:
         self.model, self.device, self.block_size = model, device, block_size
+        self.eos_token_ids = eos_token_ids  # masked until a request's min_tokens
         # [layers, K/V, slots, kv_heads, head_dim], allocated once.
         self.kv_cache = torch.zeros(config.num_layers, 2, num_blocks * block_size,
                                     config.num_kv_heads, config.head_dim, dtype=dtype,
@@ -73,7 +80,8 @@ class ModelRunner:
                 pieces.append(s.replay_logits.to(self.device).unsqueeze(0))
         if ids:
             logits = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # [N, vocab]
-            self._sample({s.request_id: s for s in out.scheduled}, ids, logits, result)
+            self._sample({s.request_id: s for s in out.scheduled}, ids, logits,
+                         out.token_bitmasks, result)
         return result
 
     def _copy_out(self, save: BlockSave) -> torch.Tensor:
@@ -141,23 +149,53 @@ class ModelRunner:
         return ids, self.model.compute_logits(hidden[ends])  # [N, vocab]
 
     def _sample(self, by_id: dict[str, ScheduledRequest], ids: list[str], logits: torch.Tensor,
-                result: RunnerOutput) -> None:
-        tokens = logits.argmax(dim=-1).tolist()
+                bitmasks: dict[str, Any], result: RunnerOutput) -> None:
+        processed = self._processed(by_id, ids, logits, bitmasks, result)
+        tokens = processed.argmax(dim=-1).tolist()
         for i, request_id in enumerate(ids):
             s = by_id[request_id]
+            if request_id in result.errors:
+                continue
             try:
                 faults.check("sample", request_id)
                 if not s.params.is_greedy:
-                    tokens[i] = sample_row(logits[i], s.params, self._generator(s))
-                if s.params.logprobs is not None:
+                    tokens[i] = sample_row(processed[i], s.params, self._generator(s))
+                if s.params.logprobs is not None:  # of the model's own distribution
                     result.logprobs[request_id] = top_logprobs(logits[i], [tokens[i]],
                                                                s.params.logprobs)
-                if s.keep_logits:
+                if s.keep_logits:  # raw: a repeat applies its own penalties and grammar
                     result.kept_logits[request_id] = logits[i].to("cpu", copy=True)
                 result.sampled[request_id] = tokens[i]
             except Exception as exc:
                 log.exception("sampling for request %s failed", request_id)
                 result.errors[request_id] = f"sampling failed: {exc!r}"
+
+    def _processed(self, by_id: dict[str, ScheduledRequest], ids: list[str],
+                   logits: torch.Tensor, bitmasks: dict[str, Any],
+                   result: RunnerOutput) -> torch.Tensor:
+        """The logits the sampler draws from: biases and penalties per row, then the grammar
+        masks of the whole batch at once. The raw logits are left as they are."""
+        penalized = [i for i, rid in enumerate(ids) if by_id[rid].params.processes_logits]
+        masked = [i for i, rid in enumerate(ids) if rid in bitmasks]
+        if not penalized and not masked:
+            return logits
+        out = logits.clone()
+        for i in penalized:
+            s = by_id[ids[i]]
+            try:
+                apply_penalties(out[i], s.params, s.prompt_token_ids, s.output_token_ids,
+                                self.eos_token_ids)
+            except Exception as exc:
+                log.exception("penalties for request %s failed", s.request_id)
+                result.errors[s.request_id] = f"sampling failed: {exc!r}"
+        if masked:
+            try:
+                apply_token_bitmask(out, torch.stack([bitmasks[ids[i]] for i in masked]), masked)
+            except Exception as exc:
+                log.exception("applying grammar masks failed")
+                for i in masked:
+                    result.errors[ids[i]] = f"grammar mask failed: {exc!r}"
+        return out
 
     def _generator(self, s: ScheduledRequest) -> Any:
         """A seeded request's own generator: its draws do not depend on the batch."""

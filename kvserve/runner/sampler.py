@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from kvserve.sampling_params import SamplingParams
@@ -48,3 +50,42 @@ def top_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> dict[int, f
     for token in tokens:
         out[token] = float(logprobs[token])
     return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Grammar masks, batched and in place: ``logits[rows[j]]`` keeps only the tokens whose
+    bit is set in ``bitmask[j]`` ([len(rows), ceil(vocab / 32)] int32, bit i of word w is
+    token 32 w + i); every other token gets -inf."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # [rows, words * 32]
+    vocab = logits.shape[-1]
+    if allowed.shape[1] < vocab:  # tokens past the grammar's vocabulary are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed[:, :vocab].to(logits.device),
+                                              float("-inf"))
+
+
+def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: Sequence[int],
+                    output_ids: Sequence[int], eos_ids: Sequence[int]) -> None:
+    """One [vocab] row in place, in vLLM's order: logit bias, min_tokens, then repetition
+    (transformers' definition, over prompt and output), frequency and presence (OpenAI's,
+    over the output)."""
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device)
+        bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype,
+                            device=logits.device)
+        logits.index_add_(0, ids, bias)
+    if len(output_ids) < p.min_tokens:
+        stops = [*eos_ids, *p.stop_token_ids]
+        if stops:
+            logits[torch.tensor(stops, device=logits.device)] = float("-inf")
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor([*prompt_ids, *output_ids], device=logits.device).unique()
+        score = logits[seen]
+        logits[seen] = torch.where(score < 0, score * p.repetition_penalty,
+                                   score / p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and len(output_ids):
+        counts = torch.bincount(torch.tensor(list(output_ids), device=logits.device),
+                                minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)

@@ -119,6 +119,13 @@ class AsyncEngine:
         before they submit; the engine checks again as it adds the request."""
         self.engine.check_fits(ids, params)
 
+    def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile (and cache) a constrained request's grammar, safe from any thread: the
+        server calls it in a worker thread, so the engine thread finds it compiled. Raises
+        GrammarError (a ValueError) when it does not compile."""
+        if params.structured_outputs is not None:
+            self.engine.grammars.compile(params.structured_outputs)
+
     def submit(self, prompts: list[tuple[list[int], SamplingParams]], request_id: str,
                timeout: float | None = None) -> RequestGroup:
         """Queue prompts already checked with ``check_fits``, all of them (or none), as one

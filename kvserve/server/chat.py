@@ -36,7 +36,8 @@ def prepare(ctx: ServerContext, body: ChatCompletionRequest, api_key: str | None
         params = [body.sampling_params(max_tokens, top)]
     except ValueError as exc:
         raise bad_request(exc, fields, "messages") from exc
-    params = ctx.admit([ids], params, body.n, api_key, fields, "messages")
+    params = ctx.admit([ids], params, body.n, api_key, fields, "messages",
+                       grammar_param=body.constraint_param)
     return ChatRenderer(ctx, body, [ids]), params
 
 

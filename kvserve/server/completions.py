@@ -35,7 +35,8 @@ def prepare(ctx: ServerContext, body: CompletionRequest, api_key: str | None
             body.logprobs) for ids in prompts]
     except ValueError as exc:
         raise bad_request(exc, fields, "prompt") from exc
-    params = ctx.admit(prompts, params, body.n, api_key, fields, "prompt")
+    params = ctx.admit(prompts, params, body.n, api_key, fields, "prompt",
+                       grammar_param=body.constraint_param)
     return CompletionRenderer(ctx, body, prompts), params
 
 

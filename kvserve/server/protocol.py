@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from kvserve.sampling_params import SamplingParams
+from kvserve.sampling_params import SamplingParams, StructuredOutputs
 
 Prompt = str | list[int]
 _GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing by them overflows)
@@ -27,6 +27,51 @@ class OpenAIModel(BaseModel):
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # padding against length side channels: none here
+
+
+class JsonSchemaFormat(OpenAIModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # always strict here: replies follow the schema
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _with_json_schema(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("type") != "json_schema":
+            raise ValueError('is only for {"type": "json_schema"}')
+        return value
+
+    def constraint(self) -> StructuredOutputs | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.json_schema is None:
+            raise ValueError('response_format of type "json_schema" needs its json_schema')
+        return StructuredOutputs(json=self.json_schema.schema_ or {})
+
+
+class StructuredOutputsRequest(OpenAIModel):
+    """vLLM's ``structured_outputs``: exactly one of these constrains the output."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark, or GBNF (llama.cpp's EBNF)
+    json_object: bool | None = None
+
+    def constraint(self) -> StructuredOutputs:
+        return StructuredOutputs(json=self.json_, regex=self.regex, grammar=self.grammar,
+                                 choice=None if self.choice is None else tuple(self.choice),
+                                 json_object=bool(self.json_object))
 
 
 def unsupported(message: str) -> PydanticCustomError:
@@ -48,10 +93,15 @@ class SamplingRequest(OpenAIModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Sent by OpenAI clients with neutral values; others are refused, not silently ignored.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None
+    # vLLM's extensions.
+    structured_outputs: StructuredOutputsRequest | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
     # Accepted because they never change the output: bookkeeping and routing hints.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -70,11 +120,14 @@ class SamplingRequest(OpenAIModel):
     def _stop_as_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
+    @field_validator("logit_bias")
     @classmethod
-    def _neutral(cls, value: Any) -> Any:
-        if value:
-            raise unsupported("is not supported by this server (only 0, {} or null)")
+    def _bias_by_token_id(cls, value: Any) -> Any:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"values must be in [-100, 100], got {bias}")
         return value
 
     @field_validator("cache_salt", mode="before")
@@ -88,14 +141,33 @@ class SamplingRequest(OpenAIModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    @property
+    def constraint_param(self) -> str:
+        """The field a grammar error is reported against."""
+        return "structured_outputs" if self.structured_outputs else "response_format"
+
+    def constraint(self) -> StructuredOutputs | None:
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ValueError("structured_outputs and response_format cannot both constrain "
+                             "the output; send one")
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint()
+        return None if self.response_format is None else self.response_format.constraint()
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        constraint: StructuredOutputs | None = None) -> SamplingParams:
         temperature = 1.0 if self.temperature is None else self.temperature
         return make_sampling_params(
             max_tokens=max_tokens, temperature=0.0 if temperature < _GREEDY_BELOW else temperature,
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
             stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
             use_kv_cache=self.use_kv_cache, use_prefix_cache=self.use_prefix_cache,
-            cache_salt=self.cache_salt)
+            cache_salt=self.cache_salt, structured_outputs=constraint or self.constraint(),
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()})
 
 
 class CompletionRequest(SamplingRequest):
@@ -162,19 +234,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # Accepted only with the values that leave the output plain text.
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: Any) -> Any:
-        if value is not None and value != {"type": "text"}:
-            raise unsupported('is not supported yet: only {"type": "text"}; JSON output and '
-                              "schemas are not implemented")
-        return value
 
     @field_validator("tools")
     @classmethod

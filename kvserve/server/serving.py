@@ -31,6 +31,7 @@ from kvserve.server.logprobs import TokenText
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.protocol import with_seed_offset
 from kvserve.server.request_group import RequestGroup
+from kvserve.structured.grammar import GrammarError
 
 ENGINE_FAILED = "the engine failed while running this request; see the server log"
 
@@ -82,15 +83,23 @@ class ServerContext:
     def admit(self, prompts: list[list[int]], params: list[SamplingParams], n: int,
               api_key: str | None, fields: Iterable[str], prompt_param: str,
               max_tokens_param: str = "max_tokens",
-              no_cache_param: str = "use_kv_cache") -> list[SamplingParams]:
+              no_cache_param: str = "use_kv_cache",
+              grammar_param: str = "structured_outputs") -> list[SamplingParams]:
         """Check what the request asks for against the server's limits, the context and the
-        pool; returns its params with the tenant's cache salt. A worker thread's work."""
+        pool, and compile its grammar; returns its params with the tenant's cache salt. A
+        worker thread's work."""
         params = [admission.salted(p, self.tenants.get(api_key or "")) for p in params]
         try:
             for ids, p in zip(prompts, params):
                 self.engine.check_fits(ids, p)
         except ValueError as exc:
             raise bad_request(exc, set(fields), prompt_param) from exc
+        try:
+            for p in params[:1]:  # every prompt of a request has the same constraint
+                self.engine.compile_grammar(p)
+        except GrammarError as exc:
+            raise APIError(400, f"{grammar_param} does not compile: {exc}", grammar_param
+                           ) from exc
         admission.check_cost(self.config, prompts, params, n, max_tokens_param, no_cache_param)
         return params
 

@@ -1,0 +1,1 @@
+"""Constrained decoding: grammars compiled by llguidance, one matcher per request."""
