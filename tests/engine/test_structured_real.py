@@ -1,0 +1,72 @@
+"""Constrained decoding on the real model, greedy float32: caches and batching change cost,
+never the tokens a grammar allows."""
+
+import json
+
+import pytest
+
+from kvserve import LLM, SamplingParams
+from kvserve.sampling_params import StructuredOutputs
+
+SYSTEM = "You are a helpful assistant for a bicycle shop. Answer in JSON when asked. "
+QUESTIONS = ["Which tools fix a puncture?", "How tight should a chain be?",
+             "What is a derailleur?", "Name a part of the brakes."]
+SCHEMA = {"type": "object", "properties": {
+    "answer": {"type": "string", "maxLength": 24},
+    "tools": {"type": "array", "items": {"enum": ["pump", "lever", "wrench"]}, "maxItems": 2}},
+    "required": ["answer", "tools"], "additionalProperties": False}
+PARAMS = [
+    SamplingParams(max_tokens=32, temperature=0, structured_outputs=StructuredOutputs(json=SCHEMA)),
+    SamplingParams(max_tokens=8, temperature=0,
+                   structured_outputs=StructuredOutputs(choice=("zebra", "pony", "camel"))),
+    SamplingParams(max_tokens=12, temperature=0, frequency_penalty=1.0, presence_penalty=0.5,
+                   structured_outputs=StructuredOutputs(regex=r"[a-z ]{4,30}\.")),
+    SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.3, logit_bias={28: -5.0},
+                   min_tokens=4),
+]
+PROMPTS = [SYSTEM + q for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def off(checkpoint):
+    return LLM(model=checkpoint, device="cpu", enable_prefix_caching=False)
+
+
+@pytest.fixture(scope="module")
+def alone(off):
+    return [off.generate(p, params)[0] for p, params in zip(PROMPTS, PARAMS)]
+
+
+def ids_of(outs):
+    return [o.token_ids for o in outs]
+
+
+def test_constrained_outputs_follow_their_grammar(alone):
+    json.loads(alone[0].text)
+    assert alone[1].text in ("zebra", "pony", "camel")
+    assert alone[2].text.endswith(".") and len(alone[3].token_ids) >= 4
+
+
+def test_batched_with_prefix_hits_equals_alone_without_prefix_cache(llm, alone):
+    llm.generate(SYSTEM + "Warm the prefix cache.", SamplingParams(max_tokens=1))
+    batched = llm.generate(PROMPTS, PARAMS)
+    assert all(o.num_cached_tokens > 0 for o in batched)
+    assert ids_of(batched) == ids_of(alone)
+
+
+def test_preempted_requests_resume_with_their_grammar(checkpoint, alone):
+    small = LLM(model=checkpoint, device="cpu", kv_cache_memory=4 * 16 * 46_080)
+    outs = small.generate(PROMPTS, PARAMS)
+    assert any(o.num_preemptions for o in outs)
+    assert ids_of(outs) == ids_of(alone)
+    small.engine.check_integrity()
+
+
+def test_an_exact_repeat_masks_its_kept_first_token_logits(llm, off):
+    prompt = llm.tokenizer.encode(SYSTEM + "Pick an animal.")
+    free = llm.generate(prompt, SamplingParams(max_tokens=2, temperature=0))[0]
+    assert free.text.strip() not in ("zebra", "pony", "camel")
+    repeat = llm.generate(prompt, PARAMS[1])[0]
+    assert repeat.cached_tokens_by_tier.get("exact_repeat") == len(prompt)
+    assert repeat.token_ids == off.generate(prompt, PARAMS[1])[0].token_ids
+    assert repeat.text in ("zebra", "pony", "camel")
