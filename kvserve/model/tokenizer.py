@@ -188,9 +188,11 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """Render a conversation as the model was trained to see it.
+        """Render a conversation as the model was trained to see it (``tools``: for a
+        template that renders them).
 
         Raises:
             ValueError: the model has no chat template, or the template rejects the messages.
@@ -203,6 +205,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos_token or "",
                 eos_token=self._eos_token or "",
+                tools=tools,
             )
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template error: {exc}") from exc

@@ -59,7 +59,8 @@ class CompletionRenderer(Renderer):
     def text_prefix(self, index: int) -> str:
         return self._echo[index // self.body.n] if self._echo else ""
 
-    def choice_body(self, index: int, text: str, streaming: bool) -> dict[str, Any]:
+    def choice_body(self, index: int, text: str, streaming: bool,
+                    out: RequestOutput) -> dict[str, Any]:
         return {"text": text}
 
     def logprobs(self, out: RequestOutput, state: ChoiceState) -> dict[str, Any] | None:

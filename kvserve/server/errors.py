@@ -40,8 +40,9 @@ def error_response(error: APIError) -> Response:
 def bad_request(exc: ValueError, fields: set[str], default_param: str | None) -> APIError:
     """A 400 from an engine or SamplingParams ValueError, whose message starts with the field."""
     message = str(exc)
-    first_word = message.split(" ", 1)[0]
-    return APIError(400, message, first_word if first_word in fields else default_param)
+    first_word = message.split(" ", 1)[0]  # a field, or a field's part ("a.b")
+    is_field = first_word.split(".", 1)[0] in fields
+    return APIError(400, message, first_word if is_field else default_param)
 
 
 def validation_error(exc: RequestValidationError) -> APIError:

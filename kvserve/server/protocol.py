@@ -206,9 +206,22 @@ class CompletionRequest(SamplingRequest):
                          "of token-id lists, and not empty")
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str = ""
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -223,9 +236,42 @@ class ChatMessage(OpenAIModel):
             raise ValueError('only text content is supported: [{"type": "text", "text": "..."}]')
         return "".join(p["text"] for p in value)
 
-    def as_template_input(self) -> dict[str, str]:
-        return {"role": "system" if self.role == "developer" else self.role,
-                "content": self.content}
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_from_assistant(cls, value: Any, info: ValidationInfo) -> Any:
+        if value and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return value
+
+    def as_template_input(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None  # calls always follow the schema here
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -234,24 +280,27 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: Any) -> Any:
-        if value:
-            raise unsupported("are not supported yet: tool calling is not implemented; leave "
-                              "tools out")
-        return value
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
-        if value not in (None, "none") and not (value == "auto" and not info.data.get("tools")):
-            raise unsupported("is not supported yet: tool calling is not implemented; leave it "
-                              "out or send 'none'")
+    def _choice_among_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or []
+        if value == "required" and not tools:
+            raise ValueError("is 'required' but no tools are given")
+        if isinstance(value, NamedToolChoice) and value.function.name not in {
+                t.function.name for t in tools}:
+            raise ValueError(f"names function {value.function.name!r}, which is not in tools")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, value: Any) -> Any:
+        names = [t.function.name for t in value or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("must not name a function twice")
         return value
 
     @property

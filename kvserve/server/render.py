@@ -39,8 +39,14 @@ class Renderer:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
-    def choice_body(self, index: int, text: str, streaming: bool) -> dict[str, Any]:
+    def choice_body(self, index: int, text: str, streaming: bool,
+                    out: RequestOutput) -> dict[str, Any]:
+        """The choice's text part (a ``finish_reason`` in it overrides the engine's)."""
         raise NotImplementedError
+
+    def stream_text(self, text: str, out: RequestOutput) -> str:
+        """What of a streamed choice's new text to send now."""
+        return text
 
     @property
     def wants_logprobs(self) -> bool:
@@ -72,7 +78,8 @@ class Renderer:
         async for k, out in group.outputs():
             raise_if_failed(out)
             state = states[k]
-            text = out.delta if state.started else self.text_prefix(k) + out.delta
+            text = self.stream_text(
+                out.delta if state.started else self.text_prefix(k) + out.delta, out)
             has_new_tokens = len(out.token_ids) > state.num_tokens_sent
             wants_tokens = self.wants_logprobs or self.body.return_token_ids
             if text or out.finished or (has_new_tokens and wants_tokens):
@@ -88,8 +95,9 @@ class Renderer:
 
     def _choice(self, index: int, out: RequestOutput, text: str, state: ChoiceState,
                 streaming: bool) -> dict[str, Any]:
-        choice = {"index": index, **self.choice_body(index, text, streaming),
-                  "logprobs": self.logprobs(out, state), "finish_reason": out.finish_reason}
+        body = self.choice_body(index, text, streaming, out)
+        choice = {"index": index, **body, "logprobs": self.logprobs(out, state),
+                  "finish_reason": body.get("finish_reason", out.finish_reason)}
         if self.body.return_token_ids:
             choice["token_ids"] = out.token_ids[state.num_tokens_sent:]
         state.num_tokens_sent = len(out.token_ids)

@@ -118,8 +118,13 @@ BAD_INPUTS = [
     (COMPLETIONS, {"prompt": "x", "stop": [1]}, "stop[0]"),
     (COMPLETIONS, {"prompt": "x", "stream": "yes"}, "stream"),
     (COMPLETIONS, {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
-    (COMPLETIONS, {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
-    (COMPLETIONS, {"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+    (COMPLETIONS, {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {"one": 5}}, "logit_bias"),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {"1": 101}}, "logit_bias"),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {"999999": 1}}, "logit_bias"),
+    (COMPLETIONS, {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    (COMPLETIONS, {"prompt": "x", "min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
     (COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": 1}},
      "stream_options.include_usage"),
     (COMPLETIONS, {"prompt": "x", "use_kv_cache": "no"}, "use_kv_cache"),
@@ -144,9 +149,14 @@ BAD_INPUTS = [
     (COMPLETIONS, {"prompt": "x", "suffix": "end"}, "suffix"),
     (COMPLETIONS, {"prompt": "x", "best_of": 3}, "best_of"),
     (COMPLETIONS, {"prompt": "x", "cache_salt": ""}, "cache_salt"),
-    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
-    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tools"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_schema"}}, "response_format"),
+    (CHAT, {"messages": USER, "response_format": {"type": "xml"}}, "response_format.type"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f f"}}]},
+     "tools[0].function.name"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    (CHAT, {"messages": USER, "structured_outputs": {"choice": []}},
+     "structured_outputs.choice"),
     (CHAT, {"messages": USER, "tool_choice": "required"}, "tool_choice"),
     (CHAT, {"messages": USER, "functions": [{"name": "f"}]}, "functions"),
     (CHAT, {"messages": USER, "reasoning_effort": "high"}, "reasoning_effort"),
@@ -177,7 +187,7 @@ def test_refusals_say_why_with_a_code(client):
     r = client.post(CHAT, json={"messages": USER, "temperature": 0, "logit_bias_x": 1})
     error = r.json()["error"]
     assert error["code"] == "unknown_parameter" and "'logit_bias_x'" in error["message"]
-    r = client.post(CHAT, json={"messages": USER, "response_format": {"type": "json_schema"}})
+    r = client.post(COMPLETIONS, json={"prompt": "x", "suffix": "y"})
     error = r.json()["error"]
     assert error["code"] == "unsupported_parameter" and "not supported yet" in error["message"]
 

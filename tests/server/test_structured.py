@@ -105,3 +105,67 @@ def test_a_constraint_that_does_not_compile_is_a_400_naming_it(oai, body, param)
     with pytest.raises(openai.BadRequestError) as err:
         chat(oai, "hi", max_tokens=4, extra_body=body)
     assert err.value.body["param"] == param
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 24}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone.",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 24}},
+                   "required": ["zone"], "additionalProperties": False}}}
+TOOLS = [WEATHER, TIME]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def assert_valid_call(call, names=("get_weather", "get_time")):
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name in names
+    schema = next(t for t in TOOLS if t["function"]["name"] == call.function.name)
+    jsonschema.validate(json.loads(call.function.arguments), schema["function"]["parameters"])
+
+
+def test_tool_calls_required_named_streamed_and_answered(oai):
+    def create(**kwargs):
+        return oai.chat.completions.create(model=None, tools=TOOLS, temperature=0,
+                                           max_tokens=40, **kwargs)
+
+    with ThreadPoolExecutor(3) as pool:
+        required = pool.submit(create, messages=ASK, tool_choice="required",
+                               parallel_tool_calls=False)
+        named = pool.submit(create, messages=ASK, tool_choice={
+            "type": "function", "function": {"name": "get_time"}})
+        streamed = pool.submit(lambda: list(create(messages=ASK, tool_choice="required",
+                                                   parallel_tool_calls=False, stream=True)))
+    required, named, streamed = required.result(), named.result(), streamed.result()
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert_valid_call(call)
+    [named_call] = named.choices[0].message.tool_calls
+    assert_valid_call(named_call, names=("get_time",))
+    deltas = [c.choices[0].delta for c in streamed if c.choices and c.choices[0].delta.tool_calls]
+    [delta] = deltas
+    assert delta.tool_calls[0].function.name == call.function.name
+    assert delta.tool_calls[0].function.arguments == call.function.arguments
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+    answer = create(messages=[*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {
+            "name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}],
+        tool_choice="none")
+    final = answer.choices[0]
+    assert final.finish_reason in ("stop", "length") and final.message.content
+    assert not final.message.tool_calls
+
+
+def test_logit_bias_forces_a_token_and_penalties_are_accepted(oai):
+    token = 28  # any id: a bias of 100 makes it the argmax
+    reply = oai.completions.create(model=None, prompt="Hello", max_tokens=3, temperature=0,
+                                   logit_bias={str(token): 100}, frequency_penalty=0.5,
+                                   presence_penalty=0.5, extra_body={"return_token_ids": True,
+                                                                     "repetition_penalty": 1.1})
+    assert reply.choices[0].token_ids == [token] * 3
