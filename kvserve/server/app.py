@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from kvserve import __version__
 from kvserve.config import EngineConfig
 from kvserve.engine.engine import Engine
-from kvserve.server import routes_extra, routes_openai
+from kvserve.server import routes_extra, routes_openai, routes_tokenize
 from kvserve.server.async_engine import AsyncEngine
 from kvserve.server.config import ServerConfig
 from kvserve.server.errors import APIError, install_error_handlers
@@ -61,6 +61,7 @@ def build_app(engine: Engine, config: ServerConfig | None = None, **options: Any
     guarded = [Depends(require_api_key)]
     app.include_router(routes_openai.router, dependencies=guarded)
     app.include_router(routes_extra.guarded, dependencies=guarded)
+    app.include_router(routes_tokenize.router, dependencies=guarded)
     app.include_router(routes_extra.open_router)
     if not docs_open:
         _add_guarded_docs(app, guarded)

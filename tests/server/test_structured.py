@@ -169,3 +169,23 @@ def test_logit_bias_forces_a_token_and_penalties_are_accepted(oai):
                                    presence_penalty=0.5, extra_body={"return_token_ids": True,
                                                                      "repetition_penalty": 1.1})
     assert reply.choices[0].token_ids == [token] * 3
+
+
+def test_tokenize_and_detokenize_in_vllm_shapes(server, oai):
+    import httpx
+
+    text = "The KV cache is the product."
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": text, "return_token_strs": True})
+    body = r.json()
+    ids = server.ctx.tokenizer.encode(text)
+    assert body == {"count": len(ids), "max_model_len": server.ctx.max_model_len, "tokens": ids,
+                    "token_strs": [server.ctx.tokenizer.id_to_token(t) for t in ids]}
+    r = httpx.post(f"{server.url}/detokenize", json={"tokens": ids})
+    assert r.json() == {"prompt": text}
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": ASK, "tools": TOOLS})
+    chat = oai.chat.completions.create(model=None, messages=ASK, tools=TOOLS, max_tokens=1)
+    assert r.json()["count"] == chat.usage.prompt_tokens
+    r = httpx.post(f"{server.url}/detokenize", json={"tokens": [10**9]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": "x", "messages": ASK})
+    assert r.status_code == 400
