@@ -96,6 +96,10 @@ class SamplingParams:
                f"must be in (0, 2], got {self.repetition_penalty}")
         _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens",
                f"must be in [0, max_tokens], got {self.min_tokens}")
+        if self.prompt_logprobs is not None:
+            # A cached prefix has no logits: such a request computes its whole prompt (it
+            # neither reads nor writes the prefix cache).
+            object.__setattr__(self, "use_prefix_cache", False)
         object.__setattr__(self, "logit_bias", {int(k): float(v)
                                                 for k, v in dict(self.logit_bias).items()})
         _check(all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias",

@@ -81,11 +81,14 @@ class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
     kept_logits: dict[str, Any] = field(default_factory=dict)
+    # request id -> (index of the first prompt token scored, each one's top-k logprobs)
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] = field(default_factory=dict)
     saved: list[tuple[BlockSave, Any]] = field(default_factory=list)  # with their payloads
     failed_loads: dict[str, int] = field(default_factory=dict)  # request id -> first block id
     errors: dict[str, str] = field(default_factory=dict)  # request id -> what went wrong
 
     def merge(self, other: RunnerOutput) -> None:
-        for name in ("sampled", "logprobs", "kept_logits", "failed_loads", "errors"):
+        for name in ("sampled", "logprobs", "kept_logits", "prompt_logprobs", "failed_loads",
+                     "errors"):
             getattr(self, name).update(getattr(other, name))
         self.saved += other.saved

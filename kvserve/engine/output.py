@@ -88,6 +88,7 @@ class RequestOutput:
     kv_bytes_peak: int = 0
     num_preemptions: int = 0
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     delta: str = ""  # text new since the last output of this request
     error: str | None = None  # what went wrong, when finish_reason is "error"
 
@@ -121,6 +122,8 @@ def make_output(request: Request, prompt: str | None, stream: TextStream, delta:
         kv_bytes_peak=stats.kv_tokens_peak * kv_bytes_per_token,
         num_preemptions=stats.num_preemptions,
         logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
+        prompt_logprobs=(list(request.prompt_logprobs)
+                         if request.params.prompt_logprobs is not None else None),
         delta=delta,
         error=request.error,
     )

@@ -50,6 +50,7 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None  # what went wrong, when finish_reason is "error"
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     grammar: Any = None  # a GrammarState, for a request with structured_outputs
     stats: RequestStats = field(default_factory=RequestStats)
 

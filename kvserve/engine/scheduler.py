@@ -201,6 +201,8 @@ class Scheduler:
                 self._count_work(request, s.num_new_tokens)
                 request.num_computed_tokens += s.num_new_tokens
                 self.kv.commit(request)
+            if s.request_id in result.prompt_logprobs:
+                _add_prompt_logprobs(request, *result.prompt_logprobs[s.request_id])
             if s.request_id in result.kept_logits:
                 self.kv.remember_logits(request, result.kept_logits[s.request_id])
             token = result.sampled.get(s.request_id)
@@ -267,3 +269,14 @@ class Scheduler:
         request.error = error
         request.stats.finish_time = time.perf_counter()
         self._finished_ids.append(request.request_id)
+
+
+def _add_prompt_logprobs(request: Request, first: int, entries: list[dict[int, float]]) -> None:
+    """Prompt token ``first + j`` gets ``entries[j]``; positions recomputed after a
+    preemption are already there and are skipped. Token 0 has none (nothing precedes it)."""
+    scored = request.prompt_logprobs
+    if not scored:
+        scored.append(None)
+    for j, entry in enumerate(entries):
+        if first + j == len(scored):
+            scored.append(entry)

@@ -30,6 +30,7 @@ from kvserve.runner.sampler import (
 from kvserve.step import BlockSave, RunnerOutput, ScheduledRequest, SchedulerOutput
 
 log = logging.getLogger("kvserve")
+PROMPT_LOGITS_ROWS = 256  # prompt logprobs: rows of [vocab] logits computed at once
 
 
 class ModelRunner:
@@ -108,7 +109,7 @@ class ModelRunner:
         if not batch:
             return [], []
         try:
-            ids, logits = self._forward(batch)
+            ids, logits = self._forward(batch, result)
             return ids, [logits] if ids else []
         except Exception as exc:
             if len(batch) == 1:
@@ -119,7 +120,7 @@ class ModelRunner:
         all_ids, pieces = [], []
         for s in batch:
             try:
-                ids, logits = self._forward([s])
+                ids, logits = self._forward([s], result)
             except Exception as exc:
                 self._fail(s, exc, result)
                 continue
@@ -133,13 +134,17 @@ class ModelRunner:
                   exc_info=exc)
         result.errors[s.request_id] = f"forward pass failed: {exc!r}"
 
-    def _forward(self, batch: list[ScheduledRequest]) -> tuple[list[str], torch.Tensor]:
+    def _forward(self, batch: list[ScheduledRequest], result: RunnerOutput
+                 ) -> tuple[list[str], torch.Tensor]:
         batch = sorted(batch, key=lambda s: s.num_new_tokens != 1)  # decodes first
         input_ids, positions, meta = prepare_inputs(batch, self.block_size, self.device,
                                                     self.decode_kernel)
         hidden = self.model(input_ids, positions, meta)
         ends, ids, offset = [], [], 0
         for s in batch:
+            if s.params.prompt_logprobs is not None and s.start < len(s.prompt_token_ids) - 1:
+                result.prompt_logprobs[s.request_id] = self._prompt_logprobs(
+                    s, hidden[offset : offset + s.num_new_tokens])
             offset += s.num_new_tokens
             if s.sample:
                 ends.append(offset - 1)
@@ -147,6 +152,20 @@ class ModelRunner:
         if not ends:
             return [], hidden[:0]
         return ids, self.model.compute_logits(hidden[ends])  # [N, vocab]
+
+    def _prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor
+                         ) -> tuple[int, list[dict[int, float]]]:
+        """Each prompt token this chunk predicts: its logprob and the top k, from the
+        logits of the position before it (a few hundred rows of logits at a time)."""
+        prompt, start = s.prompt_token_ids, s.start
+        end = min(start + s.num_new_tokens, len(prompt) - 1)  # the last predicts no prompt token
+        entries: list[dict[int, float]] = []
+        for lo in range(start, end, PROMPT_LOGITS_ROWS):
+            hi = min(lo + PROMPT_LOGITS_ROWS, end)
+            logits = self.model.compute_logits(hidden[lo - start : hi - start]).float()
+            entries += [top_logprobs(row, [prompt[p + 1]], s.params.prompt_logprobs)
+                        for p, row in zip(range(lo, hi), logits)]
+        return start + 1, entries
 
     def _sample(self, by_id: dict[str, ScheduledRequest], ids: list[str], logits: torch.Tensor,
                 bitmasks: dict[str, Any], result: RunnerOutput) -> None:

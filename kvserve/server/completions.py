@@ -7,7 +7,7 @@ from typing import Any
 from kvserve.engine.output import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.admission import check_shape, check_token_ids
-from kvserve.server.errors import APIError, bad_request
+from kvserve.server.errors import bad_request
 from kvserve.server.logprobs import completion_logprobs
 from kvserve.server.protocol import CompletionRequest
 from kvserve.server.render import ChoiceState, Renderer
@@ -18,9 +18,6 @@ def prepare(ctx: ServerContext, body: CompletionRequest, api_key: str | None
             ) -> tuple[CompletionRenderer, list[SamplingParams]]:
     """The renderer (which holds the token ids of each prompt) and the sampling params of each
     prompt, admitted; raises APIError for a bad request. Runs in a worker thread."""
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs needs the prompt's logprobs, which this server "
-                            "does not compute; drop one of them", "echo")
     check_shape(ctx.config, body.n, body.stop, len(body.prompt))
     prompts = []
     for p in body.prompt:
@@ -32,7 +29,8 @@ def prepare(ctx: ServerContext, body: CompletionRequest, api_key: str | None
     try:
         params = [body.sampling_params(
             body.max_tokens or ctx.max_tokens_left(len(ids), num_choices, body.use_kv_cache),
-            body.logprobs) for ids in prompts]
+            body.logprobs, prompt_logprobs=body.logprobs if body.echo else None)
+            for ids in prompts]
     except ValueError as exc:
         raise bad_request(exc, fields, "prompt") from exc
     params = ctx.admit(prompts, params, body.n, api_key, fields, "prompt",
@@ -67,7 +65,9 @@ class CompletionRenderer(Renderer):
         if out.logprobs is None:
             return None
         start = state.num_tokens_sent
-        result = completion_logprobs(self.ctx.token_text, out.token_ids[start:],
-                                     out.logprobs[start:], state.text_offset)
+        ids, logprobs = out.token_ids[start:], out.logprobs[start:]
+        if self._echo and not state.started:  # the prompt's tokens come first
+            ids, logprobs = out.prompt_token_ids + ids, (out.prompt_logprobs or []) + logprobs
+        result = completion_logprobs(self.ctx.token_text, ids, logprobs, state.text_offset)
         state.text_offset += sum(len(t) for t in result["tokens"])
         return result

@@ -47,8 +47,10 @@ class TokenText:
 
 
 def completion_logprobs(tokens: TokenText, token_ids: list[int],
-                        logprobs: list[dict[int, float]], text_offset: int) -> dict[str, Any]:
-    """OpenAI completions shape; ``text_offset`` is where the first token's text starts."""
+                        logprobs: list[dict[int, float] | None],
+                        text_offset: int) -> dict[str, Any]:
+    """OpenAI completions shape; ``text_offset`` is where the first token's text starts. A
+    prompt's first token has no logprob (None): nothing precedes it."""
     texts = [tokens.text_of(t) for t in token_ids]
     offsets = []
     for text in texts:
@@ -56,8 +58,9 @@ def completion_logprobs(tokens: TokenText, token_ids: list[int],
         text_offset += len(text)
     return {
         "tokens": texts,
-        "token_logprobs": [lp[t] for t, lp in zip(token_ids, logprobs)],
-        "top_logprobs": [{tokens.text_of(t): v for t, v in _ranked(lp)} for lp in logprobs],
+        "token_logprobs": [None if lp is None else lp[t] for t, lp in zip(token_ids, logprobs)],
+        "top_logprobs": [None if lp is None else {tokens.text_of(t): v for t, v in _ranked(lp)}
+                         for lp in logprobs],
         "text_offset": offsets,
     }
 
@@ -73,6 +76,16 @@ def chat_logprobs(tokens: TokenText, token_ids: list[int], logprobs: list[dict[i
         {**entry(t, lp[t]), "top_logprobs": [entry(i, v) for i, v in _ranked(lp)[:num_top]]}
         for t, lp in zip(token_ids, logprobs)
     ]}
+
+
+def vllm_prompt_logprobs(tokens: TokenText, logprobs: list[dict[int, float] | None]
+                         ) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token, None for the first, else token id ->
+    ``{"logprob", "rank", "decoded_token"}`` for the token itself and the top k (rank: its
+    place among these, 1 = most likely)."""
+    return [None if lp is None else {
+        str(t): {"logprob": v, "rank": rank, "decoded_token": tokens.text_of(t)}
+        for rank, (t, v) in enumerate(_ranked(lp), 1)} for lp in logprobs]
 
 
 def _ranked(logprobs: dict[int, float]) -> list[tuple[int, float]]:

@@ -101,6 +101,7 @@ class SamplingRequest(OpenAIModel):
     structured_outputs: StructuredOutputsRequest | None = None
     repetition_penalty: float | None = Field(None, gt=0, le=2)
     min_tokens: int = Field(0, ge=0)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     stop_token_ids: list[int] | None = None
     # Accepted because they never change the output: bookkeeping and routing hints.
     user: str | None = None
@@ -156,7 +157,8 @@ class SamplingRequest(OpenAIModel):
         return None if self.response_format is None else self.response_format.constraint()
 
     def sampling_params(self, max_tokens: int, logprobs: int | None,
-                        constraint: StructuredOutputs | None = None) -> SamplingParams:
+                        constraint: StructuredOutputs | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         temperature = 1.0 if self.temperature is None else self.temperature
         return make_sampling_params(
             max_tokens=max_tokens, temperature=0.0 if temperature < _GREEDY_BELOW else temperature,
@@ -167,6 +169,7 @@ class SamplingRequest(OpenAIModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
             stop_token_ids=tuple(self.stop_token_ids or ()),
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()})
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvserve.engine.output import RequestOutput
+from kvserve.server.logprobs import vllm_prompt_logprobs
 from kvserve.server.protocol import SamplingRequest
 from kvserve.server.request_group import RequestGroup
 from kvserve.server.serving import ServerContext, raise_if_failed, usage
@@ -100,6 +101,9 @@ class Renderer:
                   "finish_reason": body.get("finish_reason", out.finish_reason)}
         if self.body.return_token_ids:
             choice["token_ids"] = out.token_ids[state.num_tokens_sent:]
+        if self.body.prompt_logprobs is not None and not state.started:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(self.ctx.token_text,
+                                                             out.prompt_logprobs or [])
         state.num_tokens_sent = len(out.token_ids)
         return choice
 

@@ -70,3 +70,26 @@ def test_an_exact_repeat_masks_its_kept_first_token_logits(llm, off):
     assert repeat.cached_tokens_by_tier.get("exact_repeat") == len(prompt)
     assert repeat.token_ids == off.generate(prompt, PARAMS[1])[0].token_ids
     assert repeat.text in ("zebra", "pony", "camel")
+
+
+def test_prompt_logprobs_are_computed_even_when_the_prefix_is_cached(llm, checkpoint):
+    prompt = llm.tokenizer.encode(SYSTEM + "Which tools fix a puncture?")
+    llm.generate(prompt, SamplingParams(max_tokens=1))  # its blocks are now cached
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=3)
+    [out] = llm.generate(prompt, params)
+    assert out.num_cached_tokens == 0 and out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(prompt)
+    chunked = LLM(model=checkpoint, device="cpu", max_num_batched_tokens=7)
+    in_chunks = chunked.generate(prompt, params)[0].prompt_logprobs
+    assert len(in_chunks) == len(prompt)
+    for got, want in zip(in_chunks[1:], out.prompt_logprobs[1:]):  # rounding differs a little
+        assert got.keys() == want.keys()
+        assert all(abs(got[t] - want[t]) < 1e-4 for t in want)
+    for j in (1, 9, len(prompt) - 1):  # the oracle: the next-token logprobs of prompt[:j]
+        [alone] = llm.generate(prompt[:j], SamplingParams(max_tokens=1, temperature=0,
+                                                          logprobs=3))
+        entry, want = out.prompt_logprobs[j], alone.logprobs[0]
+        assert prompt[j] in entry and len(entry) in (3, 4)
+        top = sorted(want.items(), key=lambda kv: -kv[1])[:3]
+        for token, logprob in top:
+            assert abs(entry[token] - logprob) < 1e-4

@@ -117,7 +117,7 @@ BAD_INPUTS = [
     (COMPLETIONS, {"prompt": "x", "stop": ""}, "stop"),
     (COMPLETIONS, {"prompt": "x", "stop": [1]}, "stop[0]"),
     (COMPLETIONS, {"prompt": "x", "stream": "yes"}, "stream"),
-    (COMPLETIONS, {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    (COMPLETIONS, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
     (COMPLETIONS, {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"one": 5}}, "logit_bias"),
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"1": 101}}, "logit_bias"),

@@ -189,3 +189,25 @@ def test_tokenize_and_detokenize_in_vllm_shapes(server, oai):
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
     r = httpx.post(f"{server.url}/tokenize", json={"prompt": "x", "messages": ASK})
     assert r.status_code == 400
+
+
+def test_echo_with_logprobs_and_prompt_logprobs(server, oai):
+    prompt = "The three primary colors are"
+    ids = server.ctx.tokenizer.encode(prompt)
+    reply = oai.completions.create(model=None, prompt=prompt, max_tokens=2, temperature=0,
+                                   echo=True, logprobs=2)
+    lp = reply.choices[0].logprobs
+    assert reply.choices[0].text.startswith(prompt)
+    assert len(lp.tokens) == len(ids) + 2 and lp.token_logprobs[0] is None
+    assert all(v < 0 for v in lp.token_logprobs[1:]) and lp.text_offset[0] == 0
+    streamed = list(oai.completions.create(model=None, prompt=prompt, max_tokens=2,
+                                           temperature=0, echo=True, logprobs=2, stream=True))
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.tokens]
+    assert tokens == lp.tokens
+    chat = oai.chat.completions.create(model=None, messages=ASK, max_tokens=1,
+                                       extra_body={"prompt_logprobs": 1})
+    scored = chat.choices[0].model_extra["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == chat.usage.prompt_tokens
+    assert all(entry[min(entry, key=lambda t: entry[t]["rank"])]["rank"] == 1
+               for entry in scored[1:])
