@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvserve.bench import (
         compare,
         decode,
+        grammar,
         kv,
         prefix,
         replicas,
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         throughput,
     )
 
-    for module in (kv, decode, throughput, prefix, replicas, serve, compare, sweep, report):
+    for module in (kv, decode, throughput, prefix, replicas, serve, compare, sweep, report,
+                   grammar):
         p = benches.add_parser(module.NAME, help=module.HELP, description=module.HELP,
                                formatter_class=HelpFormatter)
         module.add_args(p)

@@ -24,8 +24,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformers-batch", type=int, default=16, metavar="N",
                    help="also run the requests through transformers' generate in static "
                         "batches of N (0: skip)")
+    p.add_argument("--structured", action="store_true",
+                   help="also run the batch with every request constrained to a JSON schema "
+                        "(BENCH_SCHEMA) and report the grammar masks' cost")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the result to this JSON file")
+
+
+# Records that cannot end within any --output-len here (at least 200 of them), so the
+# constrained run generates exactly as many tokens as the free one, each through a mask.
+BENCH_SCHEMA = {"type": "object", "properties": {"items": {
+    "type": "array", "minItems": 200, "items": {
+        "type": "object", "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "qty": {"type": "integer", "minimum": 0, "maximum": 99},
+            "kind": {"enum": ["tool", "part", "service"]}},
+        "required": ["name", "qty", "kind"], "additionalProperties": False}}},
+    "required": ["items"], "additionalProperties": False}
 
 
 def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -54,6 +69,26 @@ def measure(llm, prompts: list[list[int]], params, batched: bool) -> dict:
         "preemptions": engine.stats().scheduler.num_preemptions - preemptions,
         "token_ids": [o.token_ids for o in outs],
     }
+
+
+def measure_structured(llm, prompts: list[list[int]], params) -> dict:
+    """The batch again, every request constrained to BENCH_SCHEMA (compiled before the clock
+    starts: a schema is compiled once and cached); checks each output is a prefix of JSON
+    the schema allows."""
+    import dataclasses
+
+    from kvserve.sampling_params import StructuredOutputs
+
+    spec = StructuredOutputs(json=BENCH_SCHEMA)
+    start = time.perf_counter()
+    llm.engine.grammars.compile(spec)
+    compile_s = time.perf_counter() - start
+    result = measure(llm, prompts, dataclasses.replace(params, structured_outputs=spec),
+                     batched=True)
+    texts = [llm.tokenizer.decode(ids) for ids in result.pop("token_ids")]
+    result["compile_s"] = compile_s  # the vocabulary's index built on first use, included
+    result["all_start_as_json"] = all(t.startswith('{"items": [{"name": "') for t in texts)
+    return result
 
 
 def transformers_run(model_path, dtype: str, prompts: list[list[int]], output_len: int,
@@ -97,6 +132,8 @@ def run(args: argparse.Namespace) -> dict:
     batched = measure(llm, prompts, params, batched=True)
     with console.status(f"one at a time: {args.num_prompts} requests..."):
         sequential = measure(llm, prompts, params, batched=False)
+    if args.structured:
+        result_structured = measure_structured(llm, prompts, params)
     pairs = list(zip(batched.pop("token_ids"), sequential.pop("token_ids")))
     num_same = sum(a == b for a, b in pairs)
     result = {
@@ -107,6 +144,10 @@ def run(args: argparse.Namespace) -> dict:
         "batched": batched, "sequential": sequential, "transformers": None,
         "speedup_vs_transformers": None, "env": environment(args),
     }
+    if args.structured:
+        result["structured"] = result_structured
+        result["structured_slowdown"] = 1 - (result_structured["output_tokens_per_s"]
+                                             / batched["output_tokens_per_s"])
     if args.transformers_batch > 0:
         theirs = run_transformers_peer(
             f"transformers, static batches of {args.transformers_batch}",
@@ -139,6 +180,12 @@ def print_table(r: dict) -> None:
     t.add_row("peak KV memory", format_size(b["peak_kv_bytes"]), format_size(s["peak_kv_bytes"]))
     t.add_row("preemptions", str(b["preemptions"]), str(s["preemptions"]))
     console.print(t)
+    if "structured" in r:
+        c = r["structured"]
+        console.print(f"JSON schema on every request: [bold]{c['output_tokens_per_s']:.1f}"
+                      f"[/bold] output tokens/s batched, {100 * r['structured_slowdown']:.1f}% "
+                      f"slower than unconstrained (grammar compiled in {c['compile_s']:.2f} s, "
+                      f"once); outputs follow the schema: {c['all_start_as_json']}.")
     same = ("identical" if r["identical_tokens"] else
             f"identical for {r['identical_sequences']} of {r['num_prompts']} requests")
     console.print(f"Batched is [bold]{r['speedup']:.2f}x[/bold] the output tokens/s of one at a "
