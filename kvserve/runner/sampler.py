@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from kvserve.sampling_params import SamplingParams
@@ -53,17 +54,20 @@ def top_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> dict[int, f
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """Grammar masks, batched and in place: ``logits[rows[j]]`` keeps only the tokens whose
-    bit is set in ``bitmask[j]`` ([len(rows), ceil(vocab / 32)] int32, bit i of word w is
-    token 32 w + i); every other token gets -inf."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # [rows, words * 32]
+    """Grammar masks, in place: ``logits[rows[j]]`` keeps only the tokens whose bit is set in
+    ``bitmask[j]`` ([len(rows), ceil(vocab / 32)] int32, bit i of word w is token 32 w + i);
+    every other token gets -inf. The bits are unpacked for the whole batch at once."""
     vocab = logits.shape[-1]
-    if allowed.shape[1] < vocab:  # tokens past the grammar's vocabulary are never allowed
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed[:, :vocab].to(logits.device),
-                                              float("-inf"))
+    bits = np.unpackbits(bitmask.cpu().numpy().view(np.uint8), axis=1, bitorder="little")
+    if bits.shape[1] < vocab:  # tokens past the grammar's vocabulary are never allowed
+        bits = np.pad(bits, ((0, 0), (0, vocab - bits.shape[1])))
+    refused = torch.from_numpy(bits[:, :vocab]).view(torch.bool).logical_not_()
+    refused = refused.to(logits.device)
+    if rows == list(range(logits.shape[0])):
+        logits.masked_fill_(refused, float("-inf"))
+        return
+    for j, row in enumerate(rows):
+        logits[row].masked_fill_(refused[j], float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: Sequence[int],

@@ -94,3 +94,6 @@ def test_token_bitmask_keeps_exactly_the_allowed_tokens_of_each_row():
             allowed = (int(bits[token // 32]) >> (token % 32)) & 1
             assert masked[row, token] == (logits[row, token] if allowed else float("-inf"))
     assert torch.equal(masked[1], logits[1])
+    whole = logits[1:].clone()  # every row masked: one operation for the batch
+    apply_token_bitmask(whole, bitmask.flip(0), [0, 1])
+    assert torch.equal(whole[1], masked[2])
