@@ -128,9 +128,9 @@ def assert_valid_call(call, names=("get_weather", "get_time")):
 
 
 def test_tool_calls_required_named_streamed_and_answered(oai):
-    def create(**kwargs):
+    def create(max_tokens=40, **kwargs):
         return oai.chat.completions.create(model=None, tools=TOOLS, temperature=0,
-                                           max_tokens=40, **kwargs)
+                                           max_tokens=max_tokens, **kwargs)
 
     with ThreadPoolExecutor(3) as pool:
         required = pool.submit(create, messages=ASK, tool_choice="required",
@@ -156,7 +156,7 @@ def test_tool_calls_required_named_streamed_and_answered(oai):
         {"id": call.id, "type": "function", "function": {
             "name": call.function.name, "arguments": call.function.arguments}}]},
         {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}],
-        tool_choice="none")
+        tool_choice="none", max_tokens=12)
     final = answer.choices[0]
     assert final.finish_reason in ("stop", "length") and final.message.content
     assert not final.message.tool_calls
