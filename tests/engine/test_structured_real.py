@@ -93,3 +93,21 @@ def test_prompt_logprobs_are_computed_even_when_the_prefix_is_cached(llm, checkp
         top = sorted(want.items(), key=lambda kv: -kv[1])[:3]
         for token, logprob in top:
             assert abs(entry[token] - logprob) < 1e-4
+
+
+def test_a_failing_grammar_fails_its_request_only(off, alone):
+    from kvserve import faults
+
+    engine = off.engine
+    for i, (prompt, params) in enumerate(zip(PROMPTS[:3], PARAMS)):
+        engine.add_request(prompt, params, request_id=f"g{i}")
+    faults.arm("grammar", "g0")
+    finals = {}
+    try:
+        while engine.has_unfinished():
+            finals.update({o.request_id: o for o in engine.step() if o.finished})
+    finally:
+        faults.disarm_all()
+    assert finals["g0"].finish_reason == "error" and "grammar" in finals["g0"].error
+    assert [finals["g1"].token_ids, finals["g2"].token_ids] == ids_of(alone[1:3])
+    engine.check_integrity()
