@@ -29,7 +29,7 @@ from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.stats import EngineStats
 from kvserve.model.config import ModelConfig
-from kvserve.model.llama import build_model
+from kvserve.model.registry import build_model
 from kvserve.model.loader import Checkpoint, load_checkpoint
 from kvserve.model.quant import quantized_nbytes, resolve_quantization
 from kvserve.model.tokenizer import IncrementalDecoder
