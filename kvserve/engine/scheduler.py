@@ -156,7 +156,8 @@ class Scheduler:
                 and self.kv.wants_logits(request))
         return ScheduledRequest(
             request.request_id, request.token_ids_slice(start, start + num_new), start,
-            request.block_table, request.params, sample, keep, replay, tuple(loads or ()))
+            request.block_table, request.params, sample, keep, replay, tuple(loads or ()),
+            tuple(request.group_tables))
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Preempt the newest request not yet scheduled this step until ``request`` fits."""
@@ -245,7 +246,9 @@ class Scheduler:
         stats = request.stats
         stats.work_tokens += num_new
         stats.prompt_work_tokens += prompt_part
-        stats.kv_tokens_peak = max(stats.kv_tokens_peak, request.num_computed_tokens + num_new)
+        num_tokens = request.num_computed_tokens + num_new
+        stats.kv_tokens_peak = max(stats.kv_tokens_peak, num_tokens)
+        stats.kv_bytes_peak = max(stats.kv_bytes_peak, self.kv.bytes_held(request, num_tokens))
         self.stats.work_tokens += num_new
         self.stats.prompt_work_tokens += prompt_part
 

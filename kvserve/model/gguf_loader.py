@@ -134,7 +134,8 @@ def read_gguf(
         if keep_quantized and qtype not in _FLOAT_TYPES:
             dequantized.add(qtype.name)
         weight = dequantize(chunk, qtype).reshape(shape)
-        tensors[_hf_name(name, config.architecture)] = torch.from_numpy(_unpermute_rotary(name, weight, config))
+        tensors[_hf_name(name, config.architecture)] = torch.from_numpy(
+            _unpermute_rotary(name, weight, config))
     if dequantized:
         log.info("kvserve: no native kernel for GGUF type(s) %s; dequantized to float32 at load",
                  ", ".join(sorted(dequantized)))
