@@ -21,9 +21,13 @@ def prompt(gemma3, gemma3_text) -> list[int]:
 
 @pytest.fixture(scope="module")
 def dequantized(gemma3):
-    from kvserve.model.loader import load_checkpoint
+    """The same file with every weight dequantized to float32 (as quantization="none" loads
+    it, without parsing the file and its 262k-token vocabulary again)."""
+    from kvserve.model.loader import Checkpoint, QuantTensor
 
-    return load_checkpoint("gemma3-270m", quantization="none")
+    tensors = {name: t.dequantize() if isinstance(t, QuantTensor) else t
+               for name, t in gemma3.tensors.items()}
+    return Checkpoint(gemma3.config, tensors, gemma3.tokenizer, "gemma3-270m-float32")
 
 
 @pytest.fixture(scope="module")
