@@ -71,8 +71,8 @@ void attend(const Args& a, int seq, std::vector<float>& scores) {
     scores.resize(size_t(nh) * len);
     float* s = scores.data();
     for (int64_t t = 0; t < len; ++t) {
-        const int64_t p = first + t;
-        const T* k = kc + (table[p / bs] * bs + p % bs) * row;
+        const int64_t pos = first + t;
+        const T* k = kc + (table[pos / bs] * bs + pos % bs) * row;
         for (int h = 0; h < nh; ++h) {
             const T* kh = k + (h / group) * D;
             float dot = 0.f;
@@ -96,8 +96,8 @@ void attend(const Args& a, int seq, std::vector<float>& scores) {
     }
     alignas(64) float acc[kMaxHeads][D] = {};
     for (int64_t t = 0; t < len; ++t) {
-        const int64_t p = first + t;
-        const T* v = vc + (table[p / bs] * bs + p % bs) * row;
+        const int64_t pos = first + t;
+        const T* v = vc + (table[pos / bs] * bs + pos % bs) * row;
         for (int h = 0; h < nh; ++h) {
             const T* vh = v + (h / group) * D;
             const float p = s[h * len + t];
