@@ -5,6 +5,7 @@ Start here:
   kvserve serve                                      an OpenAI-compatible server on :8000
   kvserve bench kv                                   the same prompt with and without a KV cache
   kvserve bench throughput                           continuous batching vs one at a time
+  kvserve generate "Once upon a time" --model gemma3-270m   Gemma 3 270M (sliding windows)
 
 Every command takes --help. The default model (SmolLM2-135M-Instruct) ships with the
 install; --model takes a .gguf file or a Hugging Face model directory.
@@ -105,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         sweep,
         throughput,
+        window,
     )
 
-    for module in (kv, decode, throughput, prefix, replicas, serve, compare, sweep, report,
-                   grammar):
+    for module in (kv, decode, throughput, prefix, replicas, serve, compare, sweep, window,
+                   grammar, report):
         p = benches.add_parser(module.NAME, help=module.HELP, description=module.HELP,
                                formatter_class=HelpFormatter)
         module.add_args(p)

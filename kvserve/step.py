@@ -12,6 +12,8 @@ from typing import Any
 
 from kvserve.sampling_params import SamplingParams
 
+NULL_BLOCK = -1  # a block-table entry no layer of its group will read again (out of window)
+
 
 @dataclass(frozen=True)
 class BlockSave:
@@ -56,10 +58,16 @@ class ScheduledRequest:
     loads: tuple[BlockLoad, ...] = ()
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
+    # The tables of KV cache groups 1.. (a model with sliding and full layers); a block a
+    # sliding window no longer sees is NULL_BLOCK.
+    group_tables: tuple[list[int], ...] = ()
 
     @property
     def num_new_tokens(self) -> int:
         return len(self.token_ids)
+
+    def table(self, group: int) -> list[int]:
+        return self.block_table if group == 0 else self.group_tables[group - 1]
 
 
 @dataclass

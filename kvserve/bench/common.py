@@ -43,9 +43,9 @@ def transformers_model(model_path: str | None, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kvserve.model.loader import default_model_path
+    from kvserve.model.loader import resolve_model_path
 
-    path = Path(model_path) if model_path else default_model_path()
+    path = resolve_model_path(model_path)
     kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     where = path.parent if path.suffix == ".gguf" else path
     model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs)

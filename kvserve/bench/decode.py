@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     llm = LLM(config=EngineConfig.from_cli(args))
     load_s = time.perf_counter() - start
-    ids = llm.tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    tokenizer = llm.tokenizer  # a base model (Gemma 3 270M) has no chat template
+    ids = (tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+           if tokenizer.chat_template else tokenizer.encode(PROMPT))
     console.print(f"[bold]kvserve bench decode[/bold]: dtype {args.dtype}, device "
                   f"{llm.engine.device}, {torch.get_num_threads()} threads, {len(ids)} prompt "
                   f"tokens, {args.max_tokens} new tokens, model load {load_s:.2f} s")

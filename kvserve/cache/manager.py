@@ -7,11 +7,18 @@ their K/V are in place) so later requests can reuse them, and ``free`` gives the
 (they stay cached until their memory is needed). It composes three parts that know nothing
 of each other: the block pool with its prefix index, the tier store, and the exact-repeat
 logits. Plain Python: no torch.
+
+A model whose layers have sliding windows has one KV cache group per window (full attention
+first): each group is its own block pool over its own layers' K/V, and a request holds one
+block table per group, all indexed by the same positions and block hashes. A sliding group
+releases the blocks its window no longer sees (window.py) to the cached side, where a later
+prefix hit can still take them; a hit is the longest prefix for which every group has the
+blocks its layers will read. The host/disk/remote tiers are for one full-attention group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -20,6 +27,9 @@ from kvserve.cache.exact import ExactRepeatCache
 from kvserve.cache.hashing import hash_block, root_hash, salt_bytes
 from kvserve.cache.stats import CacheStats
 from kvserve.cache.tiers import TierStore
+from kvserve.cache.window import first_seen_block, longest_hit
+
+NULL_BLOCK = -1  # a table entry its group will not read again (kvserve.step.NULL_BLOCK)
 
 
 class Params(Protocol):
@@ -32,6 +42,7 @@ class CachedRequest(Protocol):
     params: Params
     num_computed_tokens: int
     block_table: list[int]
+    group_tables: list[list[int]]  # groups 1.. of a model with several KV cache groups
     block_hashes: list[bytes]
     num_committed_blocks: int
     num_output_tokens: int
@@ -56,7 +67,7 @@ class CacheHit:
     blocks: list[HitBlock] = field(default_factory=list)
     logits: Any = None  # exact repeat: the kept last-position logits of this very prompt
     loads: list[tuple[int, Any]] = field(default_factory=list)  # set by allocate_slots
-
+    tables: list[list[int]] | None = None  # several groups: each group's hit blocks
     @property
     def num_tokens(self) -> int:
         return len(self.blocks) * self.block_size
@@ -69,17 +80,31 @@ class CacheHit:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 fingerprint: str = "", block_bytes: int = 0, tiers: TierStore | None = None,
-                 num_exact_repeats: int = 64, kv_format: str = "", hash_fn=hash_block) -> None:
+    def __init__(self, num_blocks: int | Sequence[int], block_size: int,
+                 enable_prefix_caching: bool = True, fingerprint: str = "",
+                 block_bytes: int | Sequence[int] = 0, tiers: TierStore | None = None,
+                 num_exact_repeats: int = 64, kv_format: str = "", hash_fn=hash_block,
+                 windows: Sequence[int] = (0,)) -> None:
+        """``num_blocks``, ``block_bytes``, ``windows``: one per KV cache group (an int for
+        one group); a window of 0 is full attention."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enabled = enable_prefix_caching
-        self.pool = BlockPool(num_blocks)
+        counts = [num_blocks] if isinstance(num_blocks, int) else list(num_blocks)
+        sizes = [block_bytes] if isinstance(block_bytes, int) else list(block_bytes)
+        self.windows = tuple(windows)
+        if not len(counts) == len(sizes) == len(self.windows):
+            raise ValueError("one block count, block size in bytes and window per KV group")
+        self.pools = [BlockPool(n) for n in counts]
+        self.pool = self.pools[0]
+        self.group_block_bytes = sizes
+        self.windowed = len(self.pools) > 1 or any(self.windows)
         self.root = root_hash(fingerprint, block_size, kv_format)
-        self.block_bytes = block_bytes
+        self.block_bytes = sum(sizes)  # one block in every group
         self.tiers = tiers or TierStore()
+        if self.windowed and self.tiers.enabled:
+            raise ValueError("the KV tiers hold blocks of one full-attention group only")
         self.exact = ExactRepeatCache(num_exact_repeats)
         self.hash_fn = hash_fn
         self.stats = CacheStats()
@@ -99,7 +124,18 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        return self.pool.num_used / self.pool.num_blocks
+        """Share of the pool held by requests (of its bytes, over every group)."""
+        if len(self.pools) == 1:
+            return self.pool.num_used / self.pool.num_blocks
+        return self.bytes_in_use / self.bytes_total
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(p.num_blocks * b for p, b in zip(self.pools, self.group_block_bytes)) or 1
+
+    @property
+    def bytes_in_use(self) -> int:
+        return sum(p.num_used * b for p, b in zip(self.pools, self.group_block_bytes))
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -123,6 +159,8 @@ class KVCacheManager:
         bs, n = self.block_size, request.num_tokens
         hashes = self._hashes(request, n // bs)
         tokens = [tuple(request.token_ids_slice(i * bs, (i + 1) * bs)) for i in range(len(hashes))]
+        if self.windowed:
+            return self._lookup_groups(request, hit, hashes, tokens)
         in_tiers: list[str | None] = []
         for i, h in enumerate(hashes):
             if (block_id := self.pool.lookup(h, tokens[i])) is not None:
@@ -137,6 +175,30 @@ class KVCacheManager:
             hit.logits = self.exact.get(self._exact_key(request))
         if hit.logits is None:
             del hit.blocks[(n - 1) // bs :]
+        return hit
+
+    def _lookup_groups(self, request: CachedRequest, hit: CacheHit, hashes: list[bytes],
+                       tokens: list[tuple[int, ...]]) -> CacheHit:
+        """The longest prefix every group can serve (window.longest_hit), device only.
+
+        ``| not needed by a sliding group (NULL) | seen by its window | <- hit point``
+        """
+        bs, n = self.block_size, request.num_tokens
+        found = [[pool.lookup(h, t) for h, t in zip(hashes, tokens)] for pool in self.pools]
+
+        def take(limit: int) -> None:
+            k = longest_hit([[b is not None for b in row[:limit]] for row in found],
+                            self.windows, bs)
+            hit.tables = [[row[i] if i >= first_seen_block(k * bs, w, bs) else NULL_BLOCK
+                           for i in range(k)] for row, w in zip(found, self.windows)]
+            hit.blocks = [HitBlock(hit.tables[0][i], hashes[i], tokens[i], "device")
+                          for i in range(k)]
+
+        take(len(hashes))
+        if len(hit.blocks) == len(hashes) and request.num_output_tokens == 0:
+            hit.logits = self.exact.get(self._exact_key(request))
+        if hit.logits is None:
+            take(min(len(hashes), (n - 1) // bs))
         return hit
 
     def num_cached_blocks(self, request: CachedRequest) -> int:
@@ -156,6 +218,8 @@ class KVCacheManager:
 
         ``| computed or hit (has blocks) | new (may need blocks) |``
         """
+        if self.windowed:
+            return self._allocate_groups(request, num_new_tokens, hit)
         if hit is not None and hit.blocks:
             return self._allocate_with_hit(request, num_new_tokens, hit)
         missing = self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(
@@ -190,6 +254,65 @@ class KVCacheManager:
             (i for i, b in enumerate(hit.blocks) if b.block_id is None), len(hit.blocks))
         self._count(request, hit)
         return True
+
+    def _allocate_groups(self, request: CachedRequest, num_new: int,
+                         hit: CacheHit | None) -> bool:
+        """allocate_slots with several groups: a hit's blocks (each group's own), or first
+        the release of what the windows no longer see, then new blocks in every group."""
+        with_hit = hit is not None and bool(hit.blocks)
+        if with_hit:
+            assert hit is not None and hit.tables is not None
+            tables, start = hit.tables, hit.num_tokens
+        else:
+            self._trim(request)
+            tables, start = self._tables(request), request.num_computed_tokens
+        num_needed = self.blocks_for(start + num_new)
+        for table, pool in zip(tables, self.pools):
+            reclaimed = sum(1 for b in table if b != NULL_BLOCK and pool.ref_counts[b] == 0)
+            if max(0, num_needed - len(table)) + reclaimed * with_hit > pool.num_free:
+                return False
+        if with_hit:
+            assert hit is not None and hit.tables is not None
+            for table, pool in zip(hit.tables, self.pools):
+                pool.touch(b for b in table if b != NULL_BLOCK)
+            request.block_table = list(hit.tables[0])
+            request.group_tables = [list(t) for t in hit.tables[1:]]
+            request.num_computed_tokens = hit.num_tokens
+            request.num_committed_blocks = len(hit.blocks)
+        for table, pool in zip(self._tables(request), self.pools):
+            table.extend(pool.allocate(max(0, num_needed - len(table))))
+        if hit is not None:
+            self._count(request, hit)
+        return True
+
+    def _tables(self, request: CachedRequest) -> list[list[int]]:
+        """The request's block table of each group (the lists themselves)."""
+        if len(self.pools) == 1:
+            return [request.block_table]
+        if len(request.group_tables) != len(self.pools) - 1:
+            request.group_tables = [[] for _ in self.pools[1:]]
+        return [request.block_table, *request.group_tables]
+
+    def _trim(self, request: CachedRequest) -> None:
+        """Release, deepest first, the blocks no sliding window of the request sees now."""
+        n, bs = request.num_computed_tokens, self.block_size
+        for table, pool, window in zip(self._tables(request), self.pools, self.windows):
+            gone = []
+            for i in range(min(first_seen_block(n, window, bs), len(table)) - 1, -1, -1):
+                if table[i] == NULL_BLOCK:
+                    break  # released earlier, as is everything before it
+                gone.append(table[i])
+                table[i] = NULL_BLOCK
+            pool.release(gone)
+
+    def bytes_held(self, request: CachedRequest, num_tokens: int) -> int:
+        """Bytes of K/V the request's blocks hold for its first ``num_tokens`` positions: a
+        sliding group's from its first block still held (the rest were released)."""
+        bs, total = self.block_size, 0
+        for table, block_bytes in zip(self._tables(request), self.group_block_bytes):
+            first = next((i for i, b in enumerate(table) if b != NULL_BLOCK), len(table))
+            total += max(0, num_tokens - first * bs) * block_bytes // bs
+        return total
 
     def _fits(self, hit: CacheHit, num_new: int) -> bool:
         device = [b.block_id for b in hit.blocks if b.block_id is not None]
@@ -247,21 +370,26 @@ class KVCacheManager:
         """Register the request's blocks that became full, so later requests can hit them."""
         bs = self.block_size
         num_full = request.num_computed_tokens // bs
-        if num_full <= request.num_committed_blocks or not self.caches(request):
-            return  # most decode steps fill no block
-        hashes = self._hashes(request, num_full)
-        for i in range(request.num_committed_blocks, num_full):
-            tokens = tuple(request.token_ids_slice(i * bs, (i + 1) * bs))
-            block_id = request.block_table[i]
-            self.pool.cache(block_id, hashes[i], tokens)
-            if self.tiers.wants_write_through(hashes[i]):  # copied out before it can change
-                self.saves.append((block_id, hashes[i], tokens, False))
-        request.num_committed_blocks = num_full
+        if num_full > request.num_committed_blocks and self.caches(request):
+            hashes = self._hashes(request, num_full)  # most decode steps fill no block
+            for i in range(request.num_committed_blocks, num_full):
+                tokens = tuple(request.token_ids_slice(i * bs, (i + 1) * bs))
+                block_id = request.block_table[i]
+                for table, pool in zip(self._tables(request), self.pools):
+                    pool.cache(table[i], hashes[i], tokens)
+                if self.tiers.wants_write_through(hashes[i]):  # copied out before it changes
+                    self.saves.append((block_id, hashes[i], tokens, False))
+            request.num_committed_blocks = num_full
+        if self.windowed:  # now cached, the blocks out of every window can go
+            self._trim(request)
 
     def free(self, request: CachedRequest) -> None:
         # Tails first: the deepest block of a chain is evicted before its parents.
-        self.pool.release(reversed(request.block_table))
+        for table, pool in zip(self._tables(request), self.pools):
+            pool.release(b for b in reversed(table) if b != NULL_BLOCK)
         request.block_table = []
+        if len(self.pools) > 1:
+            request.group_tables = []
         request.num_committed_blocks = 0
 
     def remember_logits(self, request: CachedRequest, logits: Any) -> None:
@@ -287,7 +415,7 @@ class KVCacheManager:
     def clear(self) -> int:
         """Drop every unreferenced cached block in every tier; returns how many."""
         self.exact.clear()
-        return self.pool.drop_cached() + self.tiers.clear()
+        return sum(pool.drop_cached() for pool in self.pools) + self.tiers.clear()
 
     def close(self) -> None:
         self.tiers.close()
@@ -310,4 +438,7 @@ class KVCacheManager:
         return hash_block(parent, tail, b"exact:" + salt_bytes(request.params.cache_salt))
 
     def check_integrity(self, requests: Iterable[CachedRequest]) -> None:
-        self.pool.check_integrity(r.block_table for r in requests)
+        requests = list(requests)
+        for g, pool in enumerate(self.pools):
+            pool.check_integrity([b for b in self._tables(r)[g] if b != NULL_BLOCK]
+                                 for r in requests)

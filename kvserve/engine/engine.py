@@ -29,9 +29,9 @@ from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.stats import EngineStats
 from kvserve.model.config import ModelConfig
-from kvserve.model.llama import build_model
 from kvserve.model.loader import Checkpoint, load_checkpoint
 from kvserve.model.quant import quantized_nbytes, resolve_quantization
+from kvserve.model.registry import build_model
 from kvserve.model.tokenizer import IncrementalDecoder
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
@@ -55,6 +55,27 @@ def kv_format(config: EngineConfig, model: ModelConfig) -> str:
     """What a block's payload is: dtype and layout [layers, K/V, tokens, kv_heads, head_dim]."""
     shape = (model.num_layers, 2, config.block_size, model.num_kv_heads, model.head_dim)
     return f"{config.dtype};v{KV_LAYOUT_VERSION};{'x'.join(map(str, shape))}"
+
+
+def group_block_counts(config: EngineConfig, windows: tuple[int, ...],
+                       block_bytes: list[int]) -> list[int]:
+    """Blocks of each KV cache group out of ``config.kv_cache_memory``.
+
+    One group: as many blocks as fit. Several: first as many blocks in every group as fit
+    (what full attention would have), then each sliding group is cut to what max_num_seqs
+    windows and one step's chunk can use, and what that frees goes to the full group."""
+    memory = config.kv_cache_memory
+    if len(windows) == 1:
+        return [memory // block_bytes[0]]
+    even = memory // sum(block_bytes)
+    bs = config.block_size
+    counts = [min(even, config.max_num_seqs * (-(-window // bs) + 1)
+                  + -(-config.max_num_batched_tokens // bs)) if window else even
+              for window in windows]
+    if windows[0] == 0:  # the full group takes what the sliding ones leave
+        rest = memory - sum(n * b for n, b in zip(counts[1:], block_bytes[1:]))
+        counts[0] = rest // block_bytes[0]
+    return counts
 
 
 def build_tiers(config: EngineConfig, fingerprint: str, kv_fmt: str, block_bytes: int,
@@ -108,8 +129,12 @@ class Engine:
                                  checkpoint.config.max_position_embeddings)
         self.kv_bytes_per_token = checkpoint.config.kv_bytes_per_token(config.dtype)
         self.block_bytes = self.kv_bytes_per_token * config.block_size
-        num_blocks = config.kv_cache_memory // self.block_bytes
-        if num_blocks < 1:
+        groups = checkpoint.config.kv_groups()
+        self.windows = tuple(window for window, _ in groups)
+        layer_block = checkpoint.config.kv_bytes_per_layer_token(config.dtype) * config.block_size
+        self.group_block_bytes = [len(layers) * layer_block for _, layers in groups]
+        num_blocks = group_block_counts(config, self.windows, self.group_block_bytes)
+        if min(num_blocks) < 1:
             raise ValueError(f"kv_cache_memory {config.kv_cache_memory} B is less than one block "
                              f"({self.block_bytes} B); give it more memory")
         model = build_model(checkpoint.config, checkpoint.tensors, dtype, self.device,
@@ -118,11 +143,17 @@ class Engine:
         self.weights = (f"native GGUF blocks ({format_size(num_quantized)})"
                         if num_quantized else config.dtype)
         fmt = kv_format(config, checkpoint.config)
-        tiers = build_tiers(config, checkpoint.fingerprint, fmt, self.block_bytes, dtype,
-                            self.device)
+        if any(self.windows):
+            tiers = TierStore()
+            if config.kv_host_memory or config.kv_disk_cache or config.kv_remote:
+                log.warning("kvserve: the host/disk/remote KV tiers are off for a model with "
+                            "sliding windows (blocks are kept per layer group on the device)")
+        else:
+            tiers = build_tiers(config, checkpoint.fingerprint, fmt, self.block_bytes, dtype,
+                                self.device)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                 checkpoint.fingerprint, self.block_bytes, tiers,
-                                 config.num_exact_repeats, fmt)
+                                 checkpoint.fingerprint, self.group_block_bytes, tiers,
+                                 config.num_exact_repeats, fmt, windows=self.windows)
         self.eos_ids = tuple(self.tokenizer.eos_token_ids)
         self.runner = ModelRunner(model, checkpoint.config, num_blocks, config.block_size,
                                   dtype, self.device, num_threads, self.eos_ids)
@@ -165,13 +196,18 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                 f"the model context of {self.max_model_len} tokens; shorten the prompt or lower "
                 f"max_tokens")
-        # The last generated token is never fed back, so it needs no K/V.
-        pool_tokens = self.kv.num_blocks * self.config.block_size
-        if total - 1 > pool_tokens:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs {total - 1} "
-                f"KV slots but the KV pool holds {pool_tokens} tokens; raise kv_cache_memory or "
-                f"lower max_tokens")
+        # The last generated token is never fed back, so it needs no K/V; a sliding group
+        # holds its window and one step's tokens at most.
+        bs = self.config.block_size
+        for pool, window in zip(self.kv.pools, self.windows):
+            needed = total - 1
+            if window:
+                needed = min(needed, window + bs + self.config.max_num_batched_tokens)
+            if needed > pool.num_blocks * bs:
+                raise ValueError(
+                    f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs "
+                    f"{needed} KV slots but the KV pool holds {pool.num_blocks * bs} tokens; "
+                    f"raise kv_cache_memory or lower max_tokens")
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
@@ -252,7 +288,7 @@ class Engine:
         delta = stream.take(finished=request.is_finished)
         if request.is_finished:
             del self._streams[request.request_id]
-        return make_output(request, prompt, stream, delta, self.kv_bytes_per_token)
+        return make_output(request, prompt, stream, delta)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         entry = self._streams.pop(request_id, None)
@@ -260,22 +296,24 @@ class Engine:
             return None
         request, prompt, stream = entry
         self.scheduler.finish(request, "abort")
-        return make_output(request, prompt, stream, stream.take(finished=True),
-                           self.kv_bytes_per_token)
+        return make_output(request, prompt, stream, stream.take(finished=True))
 
     def stats(self) -> EngineStats:
         kv, scheduler = self.kv, self.scheduler
-        pool = kv.pool
+        pool = kv.pool  # with several KV cache groups: the first (full attention)
         return EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             num_blocks=pool.num_blocks, num_free_blocks=pool.num_free,
             num_used_blocks=pool.num_used, num_cached_blocks=pool.num_cached,
             peak_used_blocks=pool.peak_used, block_size=kv.block_size,
             block_bytes=self.block_bytes, kv_bytes_per_token=self.kv_bytes_per_token,
-            scheduler=dataclasses.replace(scheduler.stats))
+            scheduler=dataclasses.replace(scheduler.stats),
+            kv_bytes_total=kv.bytes_total, kv_bytes_used=kv.bytes_in_use,
+            kv_bytes_peak=sum(p.peak_used * b for p, b in zip(kv.pools, kv.group_block_bytes)))
 
     def reset_peak_usage(self) -> None:
-        self.kv.pool.peak_used = self.kv.pool.num_used
+        for pool in self.kv.pools:
+            pool.peak_used = pool.num_used
 
     def cache_stats(self) -> dict:
         return cache_report(self.kv)

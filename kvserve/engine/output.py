@@ -104,8 +104,8 @@ class RequestOutput:
         return (m.finish_time - m.first_token_time) / (n - 1)
 
 
-def make_output(request: Request, prompt: str | None, stream: TextStream, delta: str,
-                kv_bytes_per_token: int) -> RequestOutput:
+def make_output(request: Request, prompt: str | None, stream: TextStream,
+                delta: str) -> RequestOutput:
     stats = request.stats
     return RequestOutput(
         request_id=request.request_id,
@@ -119,7 +119,7 @@ def make_output(request: Request, prompt: str | None, stream: TextStream, delta:
         metrics=RequestMetrics(stats.arrival_time, stats.first_token_time, stats.finish_time,
                                stats.cache_lookup_time),
         work_tokens=stats.work_tokens,
-        kv_bytes_peak=stats.kv_tokens_peak * kv_bytes_per_token,
+        kv_bytes_peak=stats.kv_bytes_peak,
         num_preemptions=stats.num_preemptions,
         logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
         prompt_logprobs=(list(request.prompt_logprobs)

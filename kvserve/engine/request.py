@@ -28,6 +28,7 @@ class RequestStats:
     work_tokens: int = 0
     prompt_work_tokens: int = 0
     kv_tokens_peak: int = 0
+    kv_bytes_peak: int = 0  # K/V bytes its blocks held at most (sliding windows: only those)
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
@@ -44,6 +45,7 @@ class Request:
     # Positions whose K/V are in the cache: | computed | to compute |
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    group_tables: list[list[int]] = field(default_factory=list)  # KV cache groups 1..
     block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, in chain order
     num_committed_blocks: int = 0  # leading blocks registered in the prefix index
     replay_logits: Any = None  # an exact repeat: sample the first token from these

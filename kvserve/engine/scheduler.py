@@ -158,8 +158,9 @@ class Scheduler:
         return ScheduledRequest(
             request.request_id, request.token_ids_slice(start, start + num_new), start,
             request.block_table, request.params, sample, keep, replay, tuple(loads or ()),
-            request.prompt_token_ids if history else (),
-            request.output_token_ids if history else ())
+            prompt_token_ids=request.prompt_token_ids if history else (),
+            output_token_ids=request.output_token_ids if history else (),
+            group_tables=tuple(request.group_tables))
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Preempt the newest request not yet scheduled this step until ``request`` fits."""
@@ -250,7 +251,9 @@ class Scheduler:
         stats = request.stats
         stats.work_tokens += num_new
         stats.prompt_work_tokens += prompt_part
-        stats.kv_tokens_peak = max(stats.kv_tokens_peak, request.num_computed_tokens + num_new)
+        num_tokens = request.num_computed_tokens + num_new
+        stats.kv_tokens_peak = max(stats.kv_tokens_peak, num_tokens)
+        stats.kv_bytes_peak = max(stats.kv_bytes_peak, self.kv.bytes_held(request, num_tokens))
         self.stats.work_tokens += num_new
         self.stats.prompt_work_tokens += prompt_part
 

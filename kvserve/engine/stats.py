@@ -20,9 +20,16 @@ class EngineStats:
     block_bytes: int
     kv_bytes_per_token: int
     scheduler: SchedulerStats
+    # Bytes of K/V over every KV cache group (sliding-window models have several; the block
+    # counts above are of the first group).
+    kv_bytes_total: int = 0
+    kv_bytes_used: int = 0  # held by requests
+    kv_bytes_peak: int = 0  # the most held at once, each group at its own peak
 
     @property
     def kv_usage(self) -> float:
+        if self.kv_bytes_total:
+            return self.kv_bytes_used / self.kv_bytes_total
         return self.num_used_blocks / self.num_blocks
 
     @property
@@ -37,5 +44,6 @@ class EngineStats:
             "kv_blocks_used": self.num_used_blocks, "kv_blocks_cached": self.num_cached_blocks,
             "kv_blocks_peak": self.peak_used_blocks, "block_size": self.block_size,
             "kv_block_bytes": self.block_bytes, "kv_bytes_per_token": self.kv_bytes_per_token,
-            "kv_usage": self.kv_usage,
+            "kv_usage": self.kv_usage, "kv_bytes_total": self.kv_bytes_total,
+            "kv_bytes_used": self.kv_bytes_used, "kv_bytes_peak": self.kv_bytes_peak,
         }

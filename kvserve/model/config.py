@@ -1,4 +1,4 @@
-"""Model configuration: the few numbers that fix a Llama-family decoder's shapes."""
+"""Model configuration: the few numbers that fix a decoder's shapes (Llama family, Gemma 3)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama", "mistral", "qwen2" or "qwen3"
+    architecture: str  # "llama", "mistral", "qwen2", "qwen3" or "gemma3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -37,7 +37,46 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     name: str = ""
+    # Sliding windows: each layer's window in tokens (0: full attention); () = all full.
+    # A query at position p sees positions p - window + 1 .. p, as in transformers.
+    layer_windows: tuple[int, ...] = ()
+    # Gemma 3: rope base of the sliding (local) layers, and queries scaled by
+    # query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5.
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        """Each layer's window (0: full attention)."""
+        return self.layer_windows or (0,) * self.num_layers
+
+    def kv_groups(self) -> list[tuple[int, list[int]]]:
+        """Layers that share a window, full attention first: [(window, layer indices)].
+
+        Each group is a KV cache group of its own (its block pool and block tables), so a
+        sliding group can hold only the blocks its window still sees."""
+        groups: dict[int, list[int]] = {}
+        for i, window in enumerate(self.windows):
+            groups.setdefault(window, []).append(i)
+        return sorted(groups.items(), key=lambda g: (g[0] != 0, g[0]))
 
     def kv_bytes_per_token(self, dtype: str) -> int:
-        """Bytes of K and V one token occupies across all layers."""
+        """Bytes of K and V one token occupies across all layers (with full attention)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+
+    def kv_bytes_per_layer_token(self, dtype: str) -> int:
+        """Bytes of K and V one token occupies in one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+
+    def kv_bytes_held(self, num_tokens: int, dtype: str, block_size: int = 1) -> int:
+        """Bytes of K/V one sequence of ``num_tokens`` holds: full layers every block, a
+        sliding layer only the blocks its window still sees (at most window - 1 tokens
+        before the next one, rounded out to blocks)."""
+        total = 0
+        for window, layers in self.kv_groups():
+            num_blocks = -(-num_tokens // block_size)
+            if window:
+                first = max(0, num_tokens - window + 1) // block_size
+                num_blocks -= first
+            total += num_blocks * block_size * len(layers) * self.kv_bytes_per_layer_token(dtype)
+        return total

@@ -50,7 +50,7 @@ class PagedDecodeKernel:
         c = ctypes
         self.fn.argtypes = [c.c_int, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p,
                             c.c_int64, c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int,
-                            c.c_int, c.c_int, c.c_float, c.c_int]
+                            c.c_int, c.c_int, c.c_float, c.c_int, c.c_int]
         self.fn.restype = c.c_int
         self.num_threads = num_threads
 
@@ -61,15 +61,16 @@ class PagedDecodeKernel:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                 scale: float) -> torch.Tensor:
+                 scale: float, window: int = 0) -> torch.Tensor:
         """q [seqs, heads, head_dim] (heads contiguous); block_tables [seqs, max_blocks] and
-        context_lens [seqs] int64, contiguous, every length >= 1 -> [seqs, heads, head_dim]."""
+        context_lens [seqs] int64, contiguous, every length >= 1 -> [seqs, heads, head_dim].
+        ``window`` > 0: each sequence attends only to its last ``window`` positions."""
         num_seqs, num_heads, head_dim = q.shape
         out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype)
         rc = self.fn(DTYPE_CODES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(),
                      v_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
                      context_lens.data_ptr(), out.data_ptr(), num_seqs, num_heads,
-                     k_cache.shape[1], head_dim, block_size, scale, self.num_threads)
+                     k_cache.shape[1], head_dim, block_size, scale, window, self.num_threads)
         if rc != 0:
             raise ValueError(f"paged decode kernel: unsupported shape q={tuple(q.shape)}, "
                              f"k_cache={tuple(k_cache.shape)}")

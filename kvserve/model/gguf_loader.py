@@ -25,7 +25,9 @@ from kvserve.model.tokenizer import Tokenizer
 
 log = logging.getLogger("kvserve")
 
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # Mistral GGUFs say "llama"
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")  # Mistral GGUFs say "llama"
+GEMMA3_SLIDING_PERIOD = 6  # llama.cpp's gemma3 pattern: every 6th layer has full attention
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
                    10: "Q", 11: "q", 12: "d"}  # fmt: skip
@@ -45,6 +47,12 @@ _LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma 3 norms around attention and the MLP (its norm weights are stored as 1 + w).
+_GEMMA3_LAYER_TENSORS = _LAYER_TENSORS | {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
@@ -120,13 +128,14 @@ def read_gguf(
         chunk = raw[start : start + num_bytes]
         if qtype in keep_quantized and len(shape) == 2:
             blocks = chunk.reshape(shape[0], -1)  # [rows, row_bytes]
-            tensors[_hf_name(name)] = QuantTensor(
+            tensors[_hf_name(name, config.architecture)] = QuantTensor(
                 qtype, _unpermute_rotary(name, blocks, config), shape[1])
             continue
         if keep_quantized and qtype not in _FLOAT_TYPES:
             dequantized.add(qtype.name)
         weight = dequantize(chunk, qtype).reshape(shape)
-        tensors[_hf_name(name)] = torch.from_numpy(_unpermute_rotary(name, weight, config))
+        tensors[_hf_name(name, config.architecture)] = torch.from_numpy(
+            _unpermute_rotary(name, weight, config))
     if dequantized:
         log.info("kvserve: no native kernel for GGUF type(s) %s; dequantized to float32 at load",
                  ", ".join(sorted(dequantized)))
@@ -168,13 +177,14 @@ def _num_bytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     return math.prod(shape) // block_size * type_size
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str:
     stem, _, suffix = gguf_name.rpartition(".")  # suffix: "weight" or "bias"
     if stem in _GLOBAL_TENSORS:
         return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
-        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{suffix}"
+    names = _GEMMA3_LAYER_TENSORS if arch == "gemma3" else _LAYER_TENSORS
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{suffix}"
     if stem == "rope_freqs":
         raise ModelLoadError(
             "GGUF with rope_freqs (Llama 3.1 rope scaling) is not supported; "
@@ -221,22 +231,49 @@ def _config_from_metadata(
     if "token_embd.weight" not in infos:
         raise ModelLoadError("GGUF file has no token_embd.weight (incomplete file?)")
     hidden, num_heads = key("embedding_length"), key("attention.head_count")
+    num_layers, head_dim = key("block_count"), key("attention.key_length", hidden // num_heads)
+    extra: dict[str, Any] = {}
+    if arch == "gemma3":
+        extra = {"layer_windows": _gemma3_windows(metadata, num_layers),
+                 "rope_local_theta": GEMMA3_LOCAL_ROPE_THETA,
+                 "query_pre_attn_scalar": float(head_dim)}  # as llama.cpp (not the 27B)
+    elif window := metadata.get(f"{arch}.attention.sliding_window"):  # Mistral style
+        extra = {"layer_windows": (int(window),) * num_layers}
     return ModelConfig(
         architecture=arch,
         vocab_size=infos["token_embd.weight"][0][0],
         hidden_size=hidden,
         intermediate_size=key("feed_forward_length"),
-        num_layers=key("block_count"),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=key("attention.head_count_kv", num_heads),
-        head_dim=key("attention.key_length", hidden // num_heads),
+        head_dim=head_dim,
         max_position_embeddings=key("context_length"),
         rope_theta=key("rope.freq_base", 10000.0),
         rms_norm_eps=key("attention.layer_norm_rms_epsilon"),
         tie_word_embeddings="output.weight" not in infos,
         attention_bias="blk.0.attn_q.bias" in infos,
         qk_norm="blk.0.attn_q_norm.weight" in infos,
+        # llama.cpp writes Gemma's (1 + w) norm weights as they are applied.
         bos_token_id=tokenizer.bos_token_id,
         eos_token_ids=tokenizer.eos_token_ids,
         name=name,
+        **extra,
     )
+
+
+def _gemma3_windows(metadata: dict[str, Any], num_layers: int) -> tuple[int, ...]:
+    """Each layer's window: the file's sliding window on every layer but each sixth (the
+    gemma3 pattern, as llama.cpp reads it), or the file's own per-layer pattern if it has one."""
+    window = metadata.get("gemma3.attention.sliding_window")
+    if not isinstance(window, int) or window < 1:
+        raise ModelLoadError("GGUF gemma3 lacks 'gemma3.attention.sliding_window' (a positive "
+                             "number of tokens); sliding attention cannot be set up")
+    pattern = metadata.get("gemma3.attention.sliding_window_pattern", GEMMA3_SLIDING_PERIOD)
+    if isinstance(pattern, list) and len(pattern) == num_layers and all(
+            isinstance(p, bool) for p in pattern):
+        return tuple(window if sliding else 0 for sliding in pattern)
+    if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 1:
+        return tuple(0 if (i + 1) % pattern == 0 else window for i in range(num_layers))
+    raise ModelLoadError(f"GGUF gemma3 sliding window pattern {pattern!r} is not understood "
+                         f"(expected a period or one bool per layer); refusing to guess")

@@ -50,6 +50,7 @@ def config_from_hf_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=tuple(_as_ids(d.get("eos_token_id"))),
             name=name,
+            layer_windows=_layer_windows(d, arch),
         )
     except KeyError as exc:
         raise ModelLoadError(f"config.json lacks {exc} (incomplete config?)") from exc
@@ -77,7 +78,48 @@ def config_to_hf_dict(config: ModelConfig) -> dict[str, Any]:
         "bos_token_id": config.bos_token_id,
         "eos_token_id": eos[0] if len(eos) == 1 else eos,
         "torch_dtype": "float32",
+        **_window_keys(config),
     }
+
+
+def _layer_windows(d: dict[str, Any], arch: str) -> tuple[int, ...]:
+    """Each layer's sliding window from a config.json (0: full attention; () all full).
+
+    Mistral: ``sliding_window`` on every layer. Qwen2/Qwen3: only with ``use_sliding_window``,
+    then ``layer_types`` (or ``max_window_layers``) says which. Anything else that names a
+    window is refused rather than run with full attention."""
+    window = d.get("sliding_window")
+    num_layers = d.get("num_hidden_layers", 0)
+    if arch in ("qwen2", "qwen3") and not d.get("use_sliding_window"):
+        return ()
+    types = d.get("layer_types")
+    if types is not None:
+        kinds = {"full_attention": 0, "sliding_attention": window}
+        if len(types) != num_layers or any(t not in kinds for t in types) or (
+                "sliding_attention" in types and not window):
+            raise ModelLoadError(f"layer_types {sorted(set(map(str, types)))} with sliding_window "
+                                 f"{window} is not understood (supported: full_attention, "
+                                 "sliding_attention with a window)")
+        windows = tuple(int(kinds[t] or 0) for t in types)
+        return windows if any(windows) else ()
+    if not window:
+        return ()
+    if not isinstance(window, int) or window < 1:
+        raise ModelLoadError(f"sliding_window {window!r} is not a number of tokens")
+    if arch in ("qwen2", "qwen3"):  # layers from max_window_layers on slide
+        first = d.get("max_window_layers", num_layers)
+        return tuple(window if i >= first else 0 for i in range(num_layers))
+    return (window,) * num_layers
+
+
+def _window_keys(config: ModelConfig) -> dict[str, Any]:
+    windows = set(config.layer_windows) - {0}
+    if not windows:
+        return {}
+    if len(windows) > 1:
+        raise ModelLoadError("a config.json cannot say more than one sliding window")
+    types = ["sliding_attention" if w else "full_attention" for w in config.windows]
+    return {"sliding_window": windows.pop(), "layer_types": types, "use_sliding_window": True}
 
 
 def read_hf_directory(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:

@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) in one file.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) in one file, and the pieces
+other decoders share (Linear, RMSNorm, rope, attention, build_model; see gemma3.py).
 
 Tokens of all sequences in a step are flattened into one ``[T]`` batch; attention metadata
 says which sequence each token belongs to and where its K/V live (see attention.py).
@@ -9,6 +10,7 @@ per-layer Python work small, which matters on a CPU where a decode step is memor
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -93,8 +95,9 @@ class Linear(nn.Module):
 class RotaryEmbedding:
     """cos/sin tables for every position, looked up per token."""
 
-    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device) -> None:
-        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    def __init__(self, config: ModelConfig, max_positions: int, device: torch.device,
+                 theta: float | None = None) -> None:
+        inv_freq = rope_inv_freq(config.head_dim, theta or config.rope_theta, config.rope_scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # [max_positions, head_dim]
         self.cos = emb.cos().float().to(device)
@@ -143,7 +146,7 @@ class Attention(nn.Module):
         eps = config.rms_norm_eps
         self.q_norm = nn.RMSNorm(config.head_dim, eps=eps) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(config.head_dim, eps=eps) if config.qk_norm else None
-        self.scale = config.head_dim**-0.5
+        self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         self.k_cache = torch.empty(0)  # [num_slots, num_kv_heads, head_dim], set by the runner
         self.v_cache = torch.empty(0)
         self.rope_kernel: RopeCacheKernel | None = None  # set by build_model on a CPU
@@ -210,13 +213,19 @@ class LlamaForCausalLM(nn.Module):
         self.rope: RotaryEmbedding | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden]."""
+                meta: AttentionMetadata | Sequence[AttentionMetadata]) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden]. ``meta``: of the
+        one KV cache group (config.kv_groups()) all its layers share."""
+        if not isinstance(meta, AttentionMetadata):  # one KV cache group: every layer's window
+            (meta,) = meta
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rope(positions, x.dtype)
         for layer in self.layers:
             x, residual = layer(x, residual, rope, meta)
         return self.norm(x, residual)[0]
+
+    def init_rope(self, max_positions: int, device: torch.device) -> None:
+        self.rope = RotaryEmbedding(self.config, max_positions, device)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
@@ -234,6 +243,8 @@ class LlamaForCausalLM(nn.Module):
 
 
 Weight = torch.Tensor | QuantTensor | list[QuantTensor]
+LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight",
+               "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
 
 
 def fuse_hf_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor | QuantTensor]
@@ -257,15 +268,17 @@ def fuse_hf_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor | Quant
         own[me + "self_attn.o_proj.weight"] = tensors[attn + "o_proj.weight"]
         own[me + "mlp.gate_up_proj.weight"] = stack_rows(
             [tensors[hf + "mlp.gate_proj.weight"], tensors[hf + "mlp.up_proj.weight"]])
-        for name in ("mlp.down_proj.weight", "input_layernorm.weight",
-                     "post_attention_layernorm.weight"):
-            own[me + name] = tensors[hf + name]
+        for name in ("mlp.down_proj.weight", *LAYER_NORMS):
+            if hf + name in tensors:  # Gemma 3 has all four norms, Llama the first two
+                own[me + name] = tensors[hf + name]
     return own
 
 
 def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor | QuantTensor],
-                dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+                dtype: torch.dtype, device: torch.device, max_positions: int,
+                model_class: type[nn.Module] = LlamaForCausalLM) -> nn.Module:
     """Build on the meta device (no wasted random init), then fill with the checkpoint.
+    (``model_class``: this one, or another decoder made of the same pieces; registry.py.)
 
     Quantized weights (QuantTensors, from ``load_checkpoint(path, quantization="gguf")``) are
     computed on in their blocks on a CPU (QuantLinear, QuantEmbedding); on another device, or
@@ -277,13 +290,13 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor | QuantTens
                  if kernel is not None and isinstance(w, QuantTensor | list)}
     own = {name: w if name in quantized else dequantized(w) for name, w in own.items()}
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
         for name, weight in quantized.items():
             module = _quant_module(name, weight, own, kernel, dtype)  # type: ignore[arg-type]
             model.set_submodule(name.removesuffix(".weight"), module)
     model = model.to_empty(device=device).to(dtype)
     model.load_tensors(own)  # type: ignore[arg-type]
-    model.rope = RotaryEmbedding(config, max_positions, device)
+    model.init_rope(max_positions, device)
     model.eval().requires_grad_(False)
     if device.type == "cpu":
         norm_kernel, rope_kernel = rms_norm_kernel(), rope_cache_kernel()

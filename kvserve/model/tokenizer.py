@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from kvserve.model.errors import ModelLoadError
@@ -32,7 +32,7 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_GGUF_TOKEN_CONTROL, _GGUF_TOKEN_USER_DEFINED = 3, 4
+_GGUF_TOKEN_NORMAL, _GGUF_TOKEN_CONTROL, _GGUF_TOKEN_USER_DEFINED = 1, 3, 4
 
 
 def _gpt2_split() -> pre_tokenizers.PreTokenizer:
@@ -90,12 +90,15 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, metadata: dict[str, Any]) -> Tokenizer:
-        """Build from a GGUF file's `tokenizer.*` metadata (byte-level BPE vocabularies)."""
+        """Build from a GGUF file's `tokenizer.*` metadata: byte-level BPE ('gpt2'), or
+        SentencePiece BPE ('llama': scores, byte fallback, as Gemma's)."""
         kind = metadata.get("tokenizer.ggml.model")
+        if kind == "llama":
+            return cls._from_gguf_sentencepiece(metadata)
         if kind != "gpt2":
             raise ModelLoadError(
-                f"GGUF tokenizer model '{kind}' is not supported (only byte-level BPE 'gpt2'); "
-                "use the model's Hugging Face directory instead"
+                f"GGUF tokenizer model '{kind}' is not supported (byte-level BPE 'gpt2' or "
+                "SentencePiece BPE 'llama'); use the model's Hugging Face directory instead"
             )
         pre = metadata.get("tokenizer.ggml.pre", "default")  # llama.cpp's own "default" split
         if pre not in _GGUF_PRE_TOKENIZERS:
@@ -117,6 +120,34 @@ class Tokenizer:
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (eos,),
             add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+            chat_template=metadata.get("tokenizer.chat_template"),
+        )
+
+    @classmethod
+    def _from_gguf_sentencepiece(cls, metadata: dict[str, Any]) -> Tokenizer:
+        """SentencePiece BPE: spaces are "▁", pieces merge best score first, and a byte with
+        no piece is spelled by its <0xNN> token (byte fallback)."""
+        tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+        types = metadata.get("tokenizer.ggml.token_type") or [_GGUF_TOKEN_NORMAL] * len(tokens)
+        vocab = {token: token_id for token_id, token in enumerate(tokens)}
+        unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+        backend = Backend(models.BPE(
+            vocab, _merges_by_score(tokens, metadata["tokenizer.ggml.scores"], types, vocab),
+            unk_token=None if unk_id is None else tokens[unk_id], fuse_unk=True,
+            byte_fallback=True))
+        replace = [normalizers.Replace(" ", "▁")]
+        if metadata.get("tokenizer.ggml.add_space_prefix", True):
+            replace.insert(0, normalizers.Prepend("▁"))
+        backend.normalizer = normalizers.Sequence(replace)
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                             decoders.Fuse()])
+        _add_gguf_special_tokens(backend, tokens, types)
+        eos = metadata.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            backend,
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=() if eos is None else (eos,),
+            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
             chat_template=metadata.get("tokenizer.chat_template"),
         )
 
@@ -252,6 +283,22 @@ class IncrementalDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+
+def _merges_by_score(tokens: list[str], scores: list[float], types: list[int],
+                     vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges of a SentencePiece vocabulary: every split of a normal piece into two
+    pieces, the merge ranked by the merged piece's score (best first), ties by the ids."""
+    ranked = []
+    for token_id, token in enumerate(tokens):
+        if types[token_id] != _GGUF_TOKEN_NORMAL:
+            continue
+        for i in range(1, len(token)):
+            left, right = vocab.get(token[:i]), vocab.get(token[i:])
+            if left is not None and right is not None:
+                ranked.append((-scores[token_id], left, right))
+    ranked.sort()
+    return [(tokens[left], tokens[right]) for _, left, right in ranked]
 
 
 def _add_gguf_special_tokens(backend: Backend, tokens: list[str], token_types: list[int]) -> None:

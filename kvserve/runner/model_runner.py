@@ -18,7 +18,6 @@ from kvserve import faults
 from kvserve.model.config import ModelConfig
 from kvserve.model.cpu_kernels import paged_decode_kernel
 from kvserve.model.cuda_kernels import flashinfer_decode_kernel
-from kvserve.model.llama import LlamaForCausalLM
 from kvserve.runner.inputs import prepare_inputs
 from kvserve.runner.sampler import (
     apply_penalties,
@@ -34,22 +33,31 @@ PROMPT_LOGITS_ROWS = 256  # prompt logprobs: rows of [vocab] logits computed at 
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int | list[int],
                  block_size: int, dtype: torch.dtype, device: torch.device,
                  num_threads: int = 1, eos_token_ids: tuple[int, ...] = ()) -> None:
+        """``num_blocks``: of each KV cache group (config.kv_groups()); an int for one group."""
         self.model, self.device, self.block_size = model, device, block_size
         self.eos_token_ids = eos_token_ids  # masked until a request's min_tokens
-        # [layers, K/V, slots, kv_heads, head_dim], allocated once.
-        self.kv_cache = torch.zeros(config.num_layers, 2, num_blocks * block_size,
-                                    config.num_kv_heads, config.head_dim, dtype=dtype,
-                                    device=device)
-        for i, layer in enumerate(model.layers):
-            layer.self_attn.k_cache = self.kv_cache[i, 0]
-            layer.self_attn.v_cache = self.kv_cache[i, 1]
+        groups = config.kv_groups()
+        counts = [num_blocks] if isinstance(num_blocks, int) else num_blocks
+        assert len(counts) == len(groups), "one block count per KV cache group"
+        self.windows = tuple(window for window, _ in groups)
+        # One tensor per group, [group layers, K/V, slots, kv_heads, head_dim], allocated once.
+        self.kv_caches = [
+            torch.zeros(len(layers), 2, n * block_size, config.num_kv_heads, config.head_dim,
+                        dtype=dtype, device=device) for (_, layers), n in zip(groups, counts)]
+        self.kv_cache = self.kv_caches[0]  # the only one without a sliding window
+        for (_, layers), cache in zip(groups, self.kv_caches):
+            for j, i in enumerate(layers):
+                model.layers[i].self_attn.k_cache = cache[j, 0]
+                model.layers[i].self_attn.v_cache = cache[j, 1]
         # Decode attention that reads the paged cache in place: our C++ kernel on a CPU,
         # flashinfer's on CUDA when it is installed; None: the PyTorch path (attention.py).
         if device.type == "cpu":
             kernel = paged_decode_kernel(num_threads)
+        elif any(self.windows):  # flashinfer's kernel is not given the window: PyTorch path
+            kernel = None
         else:
             kernel = flashinfer_decode_kernel(config.num_heads, config.num_kv_heads,
                                               config.head_dim, dtype, device)
@@ -137,9 +145,9 @@ class ModelRunner:
     def _forward(self, batch: list[ScheduledRequest], result: RunnerOutput
                  ) -> tuple[list[str], torch.Tensor]:
         batch = sorted(batch, key=lambda s: s.num_new_tokens != 1)  # decodes first
-        input_ids, positions, meta = prepare_inputs(batch, self.block_size, self.device,
-                                                    self.decode_kernel)
-        hidden = self.model(input_ids, positions, meta)
+        input_ids, positions, metas = prepare_inputs(batch, self.block_size, self.device,
+                                                     self.decode_kernel, self.windows)
+        hidden = self.model(input_ids, positions, metas)
         ends, ids, offset = [], [], 0
         for s in batch:
             if s.params.prompt_logprobs is not None and s.start < len(s.prompt_token_ids) - 1:
@@ -225,6 +233,7 @@ class ModelRunner:
         return self.generators[s.request_id]
 
     def _block(self, block_id: int) -> torch.Tensor:
-        """[layers, K/V, block_size, kv_heads, head_dim] view of one block."""
+        """[layers, K/V, block_size, kv_heads, head_dim] view of one block (one KV cache
+        group: the tiers are off for a model with a sliding window)."""
         start = block_id * self.block_size
         return self.kv_cache[:, :, start : start + self.block_size]

@@ -107,7 +107,8 @@ def banner(engine: Engine, model_name: str, url: str) -> str:
     return (f"kvserve {__version__}: {model_name} (weights: {engine.weights}; activations and "
             f"KV: {engine.config.dtype}; {engine.device}), "
             f"context {engine.max_model_len} tokens, KV pool {s.num_blocks} blocks x "
-            f"{s.block_size} tokens ({format_size(s.num_blocks * s.block_bytes)}), "
+            f"{s.block_size} tokens ({format_size(s.kv_bytes_total)}"
+            f"{'; sliding layers hold their window' if any(engine.windows) else ''}), "
             f"prefix cache {'on' if engine.config.enable_prefix_caching else 'off'}, "
             f"serving at {url}")
 

@@ -101,6 +101,28 @@ def test_kernel_reads_only_the_table_blocks(kernel):
 
 
 @needs_compiler
+def test_window_reads_only_the_last_positions(kernel):
+    """Gemma 3's shape (4 heads, 1 KV head, dim 256), window 20: equal to the PyTorch path's
+    window mask, and blocks wholly before each window are never read (poisoned: no change)."""
+    lens, window = [1, 20, 21, 40, 100], 20
+    q, kc, vc, tables, lens_t = make_case(torch.float32, 4, 1, 256, lens, seed=2)
+    got = kernel(q, kc, vc, tables, lens_t, BLOCK, 0.0625, window)
+    last = lens_t - 1
+    slots = tables[torch.arange(len(lens)), last // BLOCK] * BLOCK + last % BLOCK
+    pos = torch.arange(int(lens_t.max()))
+    mask = (pos < lens_t[:, None]) & (pos >= lens_t[:, None] - window)
+    meta = AttentionMetadata(slot_mapping=slots, block_size=BLOCK, num_decodes=len(lens),
+                             decode_blocks=tables, decode_len=int(lens_t.max()),
+                             decode_mask=mask[:, None, None, :], window=window)
+    expected = paged_attention(q, kc[slots].clone(), vc[slots].clone(), kc, vc, meta, 0.0625)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for i, n in enumerate(lens):
+        for b in range(max(0, n - window) // BLOCK):  # blocks before the window's first
+            kc.view(-1, BLOCK, 1, 256)[tables[i, b]] = float("nan")
+    assert torch.equal(kernel(q, kc, vc, tables, lens_t, BLOCK, 0.0625, window), got)
+
+
+@needs_compiler
 def test_unsupported_inputs_are_refused(kernel):
     q = torch.zeros(2, 4, 96)  # head_dim 96 has no compiled variant
     cache = torch.zeros(32, 2, 96)

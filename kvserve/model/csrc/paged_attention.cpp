@@ -49,12 +49,15 @@ struct Args {
     int64_t q_stride, table_stride;
     int num_seqs, num_heads, num_kv_heads, block_size;
     float scale;
+    int window;  // > 0: attend only to the last `window` positions (sliding-window layers)
 };
 
 template <typename T, int D>
 void attend(const Args& a, int seq, std::vector<float>& scores) {
     const int nh = a.num_heads, nkv = a.num_kv_heads, group = nh / nkv, bs = a.block_size;
-    const int64_t len = a.context_lens[seq], row = int64_t(nkv) * D;  // slot stride
+    const int64_t end = a.context_lens[seq], row = int64_t(nkv) * D;  // slot stride
+    const int64_t first = a.window > 0 && end > a.window ? end - a.window : 0;
+    const int64_t len = end - first;  // positions first .. end - 1; blocks before: not read
     const int64_t* table = a.block_tables + seq * a.table_stride;
     const T* q = static_cast<const T*>(a.q) + seq * a.q_stride;
     const T* kc = static_cast<const T*>(a.k_cache);
@@ -68,7 +71,8 @@ void attend(const Args& a, int seq, std::vector<float>& scores) {
     scores.resize(size_t(nh) * len);
     float* s = scores.data();
     for (int64_t t = 0; t < len; ++t) {
-        const T* k = kc + (table[t / bs] * bs + t % bs) * row;
+        const int64_t pos = first + t;
+        const T* k = kc + (table[pos / bs] * bs + pos % bs) * row;
         for (int h = 0; h < nh; ++h) {
             const T* kh = k + (h / group) * D;
             float dot = 0.f;
@@ -92,7 +96,8 @@ void attend(const Args& a, int seq, std::vector<float>& scores) {
     }
     alignas(64) float acc[kMaxHeads][D] = {};
     for (int64_t t = 0; t < len; ++t) {
-        const T* v = vc + (table[t / bs] * bs + t % bs) * row;
+        const int64_t pos = first + t;
+        const T* v = vc + (table[pos / bs] * bs + pos % bs) * row;
         for (int h = 0; h < nh; ++h) {
             const T* vh = v + (h / group) * D;
             const float p = s[h * len + t];
@@ -124,6 +129,7 @@ int dispatch(const Args& a, int head_dim, int num_threads) {
     switch (head_dim) {
         case 64: run<T, 64>(a, num_threads); return 0;
         case 128: run<T, 128>(a, num_threads); return 0;
+        case 256: run<T, 256>(a, num_threads); return 0;
         default: return -1;
     }
 }
@@ -138,10 +144,10 @@ int kvserve_paged_decode(int dtype, const void* q, int64_t q_stride, const void*
                          const void* v_cache, const int64_t* block_tables, int64_t table_stride,
                          const int64_t* context_lens, void* out, int num_seqs, int num_heads,
                          int num_kv_heads, int head_dim, int block_size, float scale,
-                         int num_threads) {
+                         int window, int num_threads) {
     if (num_heads > kMaxHeads || num_kv_heads < 1 || num_heads % num_kv_heads) return -1;
     const Args a{q, k_cache, v_cache, block_tables, context_lens, out, q_stride, table_stride,
-                 num_seqs, num_heads, num_kv_heads, block_size, scale};
+                 num_seqs, num_heads, num_kv_heads, block_size, scale, window};
     if (dtype == 0) return dispatch<float>(a, head_dim, num_threads);
     if (dtype == 1) return dispatch<uint16_t>(a, head_dim, num_threads);
     return -1;
