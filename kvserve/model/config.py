@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+KV_SCALE_BYTES = 4  # an int8 KV row's float32 scale (kv_quant.py)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     name: str = ""
 
-    def kv_bytes_per_token(self, dtype: str) -> int:
+    def kv_row_width(self, kv_dtype: str) -> int:
+        """Elements of one token's K (or V) row of one kv head: int8 adds its scale's bytes."""
+        return self.head_dim + (KV_SCALE_BYTES if kv_dtype == "int8" else 0)
+
+    def kv_bytes_per_token(self, kv_dtype: str) -> int:
         """Bytes of K and V one token occupies across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+        return (2 * self.num_layers * self.num_kv_heads * self.kv_row_width(kv_dtype)
+                * DTYPE_BYTES[kv_dtype])

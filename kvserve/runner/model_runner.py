@@ -18,6 +18,7 @@ from kvserve import faults
 from kvserve.model.config import ModelConfig
 from kvserve.model.cpu_kernels import paged_decode_kernel
 from kvserve.model.cuda_kernels import flashinfer_decode_kernel
+from kvserve.model.kv_quant import KV_DTYPES
 from kvserve.model.llama import LlamaForCausalLM
 from kvserve.runner.inputs import prepare_inputs
 from kvserve.runner.sampler import make_generator, sample_row, top_logprobs
@@ -29,11 +30,14 @@ log = logging.getLogger("kvserve")
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
                  block_size: int, dtype: torch.dtype, device: torch.device,
-                 num_threads: int = 1) -> None:
+                 num_threads: int = 1, kv_dtype: str | None = None) -> None:
+        """``kv_dtype``: what the cache holds (kv_quant.py); None: the activation dtype."""
         self.model, self.device, self.block_size = model, device, block_size
-        # [layers, K/V, slots, kv_heads, head_dim], allocated once.
+        cache_dtype = KV_DTYPES[kv_dtype] if kv_dtype else dtype
+        row = config.kv_row_width(kv_dtype) if kv_dtype else config.head_dim
+        # [layers, K/V, slots, kv_heads, row], allocated once; row = head_dim (+ 4 for int8).
         self.kv_cache = torch.zeros(config.num_layers, 2, num_blocks * block_size,
-                                    config.num_kv_heads, config.head_dim, dtype=dtype,
+                                    config.num_kv_heads, row, dtype=cache_dtype,
                                     device=device)
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.kv_cache[i, 0]
@@ -52,7 +56,7 @@ class ModelRunner:
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        """[layers, K/V, block_size, kv_heads, head_dim]: the payload of one block."""
+        """[layers, K/V, block_size, kv_heads, row]: the payload of one block."""
         shape = self.kv_cache.shape
         return (shape[0], shape[1], self.block_size, *shape[3:])
 
@@ -168,6 +172,6 @@ class ModelRunner:
         return self.generators[s.request_id]
 
     def _block(self, block_id: int) -> torch.Tensor:
-        """[layers, K/V, block_size, kv_heads, head_dim] view of one block."""
+        """[layers, K/V, block_size, kv_heads, row] view of one block."""
         start = block_id * self.block_size
         return self.kv_cache[:, :, start : start + self.block_size]
