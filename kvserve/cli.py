@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         compare,
         decode,
         kv,
+        kv_dtype,
         prefix,
         replicas,
         report,
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         throughput,
     )
 
-    for module in (kv, decode, throughput, prefix, replicas, serve, compare, sweep, report):
+    for module in (kv, decode, throughput, prefix, kv_dtype, replicas, serve, compare, sweep,
+                   report):
         p = benches.add_parser(module.NAME, help=module.HELP, description=module.HELP,
                                formatter_class=HelpFormatter)
         module.add_args(p)

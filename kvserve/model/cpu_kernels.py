@@ -75,8 +75,8 @@ class PagedDecodeKernel:
         rc = self.fn(DTYPE_CODES[q.dtype], CACHE_CODES[k_cache.dtype], q.data_ptr(),
                      q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                      block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(),
-                     out.data_ptr(), num_seqs, num_heads, k_cache.shape[1], head_dim, block_size, scale,
-                     self.num_threads)
+                     out.data_ptr(), num_seqs, num_heads, k_cache.shape[1], head_dim,
+                     block_size, scale, self.num_threads)
         if rc != 0:
             raise ValueError(f"paged decode kernel: unsupported shape q={tuple(q.shape)}, "
                              f"k_cache={tuple(k_cache.shape)}")
