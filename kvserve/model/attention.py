@@ -10,10 +10,13 @@ into a single padded attention call), then prefill chunks (one call per sequence
 the decodes go to a C++ kernel (cpu_kernels.py) that reads the blocks in place instead.
 
 The cache may hold another dtype than the activations (kv_quant.py: a float dtype, or int8
-rows with a scale each). The PyTorch path then converts only what a sequence reads: the
-blocks of its table, gathered, never the pool. A chunk without earlier context reads its own
-keys and values back from their slots too, so it sees exactly what a later chunk, a decode
-or a prefix hit will see.
+rows with a scale each). With int8 and the C++ kernel, prefill chunks go to the decode
+kernel too, one query per row with its own causal length, reading the rows in place: each
+query token is then computed exactly as a decode of it would be, so chunking, preemption
+and prefix hits cannot move a value across a rounding step of the quantizer. Otherwise the
+PyTorch path converts only what a sequence reads: the blocks of its table, gathered, never
+the pool; a chunk without earlier context reads its own keys and values back from their
+slots too, so it sees what a later chunk, a decode or a prefix hit will see.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class PrefillSpan:
     num_new: int
     context_blocks: torch.Tensor | None = None  # [blocks] the sequence's block table
     mask: torch.Tensor | None = None  # [num_new, num_computed + num_new], True = attend
+    block_table: torch.Tensor | None = None  # [blocks] always, for reading int8 in place
 
 
 @dataclass
@@ -90,8 +94,15 @@ def paged_attention(
             qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
         )
         parts.append(o.squeeze(2))
+    in_place = meta.decode_kernel is not None and k_cache.dtype == torch.int8
     for span in meta.prefills:
         end = span.start + span.num_new
+        if in_place and span.block_table is not None and meta.positions is not None:
+            tables = span.block_table.expand(span.num_new, -1)  # one table, stride 0
+            lens = meta.positions[span.start : end] + 1  # causal: up to and with itself
+            parts.append(meta.decode_kernel(q[span.start : end], k_cache, v_cache, tables,
+                                            lens, bs, scale))
+            continue
         qs = q[span.start : end].transpose(0, 1)  # [num_heads, num_new, head_dim]
         if span.context_blocks is None:
             ks, vs = k[span.start : end], v[span.start : end]

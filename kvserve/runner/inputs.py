@@ -48,7 +48,8 @@ def prepare_inputs(batch: list[ScheduledRequest], block_size: int, device: torch
 
 
 def prefill_span(s: ScheduledRequest, offset: int, device: torch.device) -> PrefillSpan:
-    span = PrefillSpan(start=offset, num_new=s.num_new_tokens)
+    span = PrefillSpan(start=offset, num_new=s.num_new_tokens,
+                       block_table=torch.tensor(s.block_table, device=device))
     if s.start:
         num_ctx = s.start + s.num_new_tokens
         span.context_blocks = torch.tensor(s.block_table, device=device)

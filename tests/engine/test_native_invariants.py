@@ -76,16 +76,18 @@ def test_prefix_hits_equal_computing(native):
     on.engine.check_integrity()
 
 
-def test_tier_hits_equal_computing(checkpoint, kv_dtype, native, alone):
-    """Blocks evicted to the host tier and loaded back give the tokens computed ones give."""
+def test_tier_hits_equal_computing(native):
+    """Blocks evicted to the host tier and loaded back give the tokens computed ones gave."""
+    prompts = ["A document of several blocks, read twice. " * 4 + p for p in PROMPTS[:2]]
     llm = native(kv_host_memory="64MiB")
-    assert ids(llm.generate(PROMPTS[:2], GREEDY)) == alone[:2]
+    computed = llm.generate(prompts, GREEDY)
+    assert all(o.num_cached_tokens == 0 for o in computed)
     kv = llm.engine.kv
     held = kv.pool.allocate(kv.num_free_blocks)  # evict every cached block to the host tier
     llm.engine.step()  # an empty step still copies the evicted blocks out
     kv.pool.release(held)
     kv.exact.clear()  # take the blocks path, not the exact-repeat shortcut
-    again = llm.generate(PROMPTS[:2], GREEDY)
-    assert ids(again) == alone[:2]
-    assert all(o.cached_tokens_by_tier.get("host", 0) > 0 for o in again)
+    again = llm.generate(prompts, GREEDY)
+    assert ids(again) == ids(computed)
+    assert all(o.cached_tokens_by_tier.get("host", 0) >= 32 for o in again)
     llm.engine.check_integrity()

@@ -133,6 +133,30 @@ def test_torch_path_decode_and_prefill_match_float64(q_dtype, tol):
 
 
 @needs_compiler
+@pytest.mark.parametrize("q_dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_int8_prefill_reads_rows_in_place_with_the_kernel(kernel, q_dtype, tol):
+    """With the kernel, a chunk's queries each attend causally through the decode kernel:
+    a chunk with earlier context and one without, as float64 says, and each query exactly
+    as a decode of it alone."""
+    _, kc, vc, tables, _ = make_case(q_dtype, torch.int8, 9, 3, 64, LENS, seed=5)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(12, 9, 64, generator=g).to(q_dtype)
+    spans = (PrefillSpan(start=0, num_new=5, block_table=tables[0]),  # positions 0..4
+             PrefillSpan(start=5, num_new=7, block_table=tables[4],  # positions 33..39
+                         context_blocks=tables[4], mask=torch.ones(7, 40, dtype=torch.bool)))
+    positions = torch.tensor([0, 1, 2, 3, 4, *range(33, 40)])
+    meta = AttentionMetadata(slot_mapping=torch.zeros(12, dtype=torch.long), block_size=BLOCK,
+                             positions=positions, decode_kernel=kernel, prefills=spans)
+    got = paged_attention(q, None, None, kc, vc, meta, 0.125, kv_written=True)
+    expected = torch.cat([
+        reference(q[:5], kc, vc, tables[0:1], torch.tensor([5]), 0.125, num_queries=5),
+        reference(q[5:], kc, vc, tables[4:5], torch.tensor([40]), 0.125, num_queries=7)])
+    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
+    alone = kernel(q[8:9], kc, vc, tables[4:5], torch.tensor([37]), BLOCK, 0.125)
+    assert torch.equal(alone[0], got[8])
+
+
+@needs_compiler
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.int8),
                                                (torch.bfloat16, torch.int8),
                                                (torch.float32, torch.bfloat16)])
