@@ -4,6 +4,7 @@ the bytes it is counted at, and a disk folder shared with a float engine."""
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -79,34 +80,46 @@ def test_bytes_are_counted_at_int8_size(checkpoint, float_kv, int8_kv):
     assert out.kv_bytes_peak == (len(out.prompt_token_ids) + 4 - 1) * 12_240
 
 
-def test_int8_and_float_engines_never_read_each_others_blocks(checkpoint, float_kv, int8_kv,
-                                                              tmp_path):
+def test_int8_and_float_engines_never_read_each_others_blocks(tiny_checkpoint, tmp_path):
     """One disk folder, two engines: each finds only its own format's blocks, and each gives
-    its own tokens after a restart on the shared folder."""
-    prompt = float_kv.tokenizer.encode("A shared folder of KV blocks. " * 12)
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    refs = {}
-    for kv_dtype, ref_llm in (("int8", int8_kv), ("auto", float_kv)):
-        refs[kv_dtype] = ref_llm.generate(prompt, params)[0].token_ids
-        first = LLM(model=checkpoint, device="cpu", kv_cache_dtype=kv_dtype,
+    its own tokens after a restart on the shared folder (a small random model: the rule is
+    the formats', not the weights')."""
+    prompt = list(range(100, 140))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    refs, formats = {}, set()
+    for kv_dtype in ("int8", "auto"):
+        first = LLM(model=tiny_checkpoint, device="cpu", kv_cache_dtype=kv_dtype,
                     kv_disk_cache=str(tmp_path))
         out = first.generate(prompt, params)[0]
-        assert out.token_ids == refs[kv_dtype]
+        refs[kv_dtype] = out.token_ids
         assert out.cached_tokens_by_tier.get("disk", 0) == 0  # never the other's blocks
         first.engine.kv.pool.allocate(first.engine.kv.num_free_blocks)  # evict all to disk
         first.engine.step()
         first.close()
-    files = list(tmp_path.rglob("*"))
-    formats = {f.read_bytes()[46:60] for f in files if f.is_file()}
-    assert formats == {b"int8+f32-absma", b"float32;v1;30x"}  # both engines' records
+        formats.add(first.engine.kv.tiers.disk.kv_format)
+    assert formats == {b"int8+f32-absmax-scale-per-token-head@float32;v1;2x2x16x2x12",
+                       b"float32;v1;2x2x16x2x8"}
+    on_disk = set()
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            raw = f.read_bytes()
+            on_disk.add(raw[46 : 46 + struct.unpack_from("<H", raw, 44)[0]])
+    assert on_disk == formats  # both engines' records, side by side
+    disks, own = {}, {}
     for kv_dtype in ("int8", "auto"):
-        rebuilt = LLM(model=checkpoint, device="cpu", kv_cache_dtype=kv_dtype,
+        rebuilt = LLM(model=tiny_checkpoint, device="cpu", kv_cache_dtype=kv_dtype,
                       kv_disk_cache=str(tmp_path))
         out = rebuilt.generate(prompt, params)[0]
         assert out.token_ids == refs[kv_dtype]
-        assert out.cached_tokens_by_tier["disk"] == (len(prompt) - 1) // 16 * 16
-        assert rebuilt.engine.kv.tiers.disk.num_skipped == 0  # the other's are never found
+        assert out.cached_tokens_by_tier["disk"] == 32  # its own two full blocks
         rebuilt.engine.check_integrity()
+        disks[kv_dtype] = rebuilt.engine.kv.tiers.disk
+        own[kv_dtype] = {h for h in rebuilt.engine.kv.pool.block_hash if h is not None}
+        assert disks[kv_dtype].num_skipped == 0  # the other's hashes are never looked up
+    for mine, other in (("int8", "auto"), ("auto", "int8")):  # asked for them regardless,
+        for h in own[other]:  # each tier reads the record's format and refuses it
+            assert disks[mine].get(h, tuple(prompt[:16])) is None
+        assert disks[mine].num_skipped == len(own[other]) == 2
 
 
 def test_kv_cache_dtype_option():
