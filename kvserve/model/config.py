@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+KV_SCALE_BYTES = 4  # an int8 KV row's float32 scale (kv_quant.py)
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,17 @@ class ModelConfig:
             groups.setdefault(window, []).append(i)
         return sorted(groups.items(), key=lambda g: (g[0] != 0, g[0]))
 
-    def kv_bytes_per_token(self, dtype: str) -> int:
-        """Bytes of K and V one token occupies across all layers (with full attention)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+    def kv_row_width(self, kv_dtype: str) -> int:
+        """Elements of one token's K (or V) row of one kv head: int8 adds its scale's bytes."""
+        return self.head_dim + (KV_SCALE_BYTES if kv_dtype == "int8" else 0)
 
-    def kv_bytes_per_layer_token(self, dtype: str) -> int:
+    def kv_bytes_per_token(self, kv_dtype: str) -> int:
+        """Bytes of K and V one token occupies across all layers (with full attention)."""
+        return self.num_layers * self.kv_bytes_per_layer_token(kv_dtype)
+
+    def kv_bytes_per_layer_token(self, kv_dtype: str) -> int:
         """Bytes of K and V one token occupies in one layer."""
-        return 2 * self.num_kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+        return 2 * self.num_kv_heads * self.kv_row_width(kv_dtype) * DTYPE_BYTES[kv_dtype]
 
     def kv_bytes_held(self, num_tokens: int, dtype: str, block_size: int = 1) -> int:
         """Bytes of K/V one sequence of ``num_tokens`` holds: full layers every block, a

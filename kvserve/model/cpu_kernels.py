@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
+from kvserve.model.config import KV_SCALE_BYTES
+
 log = logging.getLogger("kvserve")
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp")]
-HEADERS = [CSRC / "bf16.h"]
+HEADERS = [CSRC / "bf16.h", CSRC / "kv_int8.h"]
 # -fassociative-math lets the compiler sum a dot product as a tree of vector adds. The kernel
 # stays deterministic: one compiled order for every sequence, however the batch is made up.
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros",
@@ -39,6 +41,7 @@ QUANT_HEADERS = [CSRC / name for name in ("bf16.h", "quant_blocks.h", "thread_po
 QUANT_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC",
                "-pthread"]
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+CACHE_CODES = {**DTYPE_CODES, torch.int8: 2}  # int8: rows with their scale (kv_quant.py)
 HEAD_DIMS = (64, 128)
 
 
@@ -48,29 +51,33 @@ class PagedDecodeKernel:
     def __init__(self, lib: ctypes.CDLL, num_threads: int) -> None:
         self.fn = lib.kvserve_paged_decode
         c = ctypes
-        self.fn.argtypes = [c.c_int, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p,
-                            c.c_int64, c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int,
-                            c.c_int, c.c_int, c.c_float, c.c_int, c.c_int]
+        self.fn.argtypes = [c.c_int, c.c_int, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p,
+                            c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_int, c.c_int,
+                            c.c_int, c.c_int, c.c_int, c.c_float, c.c_int, c.c_int]
         self.fn.restype = c.c_int
         self.num_threads = num_threads
 
     def supports(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        return (q.device.type == "cpu" and q.dtype in DTYPE_CODES and k_cache.dtype == q.dtype
-                and q.shape[-1] in HEAD_DIMS and k_cache.is_contiguous()
-                and q.stride(2) == 1 and q.stride(1) == q.shape[-1])
+        return (q.device.type == "cpu" and q.dtype in DTYPE_CODES
+                and k_cache.dtype in CACHE_CODES and q.shape[-1] in HEAD_DIMS
+                and k_cache.shape[-1] == row_width(q.shape[-1], k_cache.dtype)
+                and k_cache.is_contiguous() and q.stride(2) == 1
+                and q.stride(1) == q.shape[-1])
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                  scale: float, window: int = 0) -> torch.Tensor:
-        """q [seqs, heads, head_dim] (heads contiguous); block_tables [seqs, max_blocks] and
-        context_lens [seqs] int64, contiguous, every length >= 1 -> [seqs, heads, head_dim].
+        """q [seqs, heads, head_dim] (heads contiguous); caches [slots, kv_heads, row] of
+        float32, bfloat16 or int8 rows; block_tables [seqs, max_blocks] and context_lens
+        [seqs] int64, contiguous, every length >= 1 -> [seqs, heads, head_dim].
         ``window`` > 0: each sequence attends only to its last ``window`` positions."""
         num_seqs, num_heads, head_dim = q.shape
         out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype)
-        rc = self.fn(DTYPE_CODES[q.dtype], q.data_ptr(), q.stride(0), k_cache.data_ptr(),
-                     v_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
-                     context_lens.data_ptr(), out.data_ptr(), num_seqs, num_heads,
-                     k_cache.shape[1], head_dim, block_size, scale, window, self.num_threads)
+        rc = self.fn(DTYPE_CODES[q.dtype], CACHE_CODES[k_cache.dtype], q.data_ptr(),
+                     q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                     block_tables.data_ptr(), block_tables.stride(0), context_lens.data_ptr(),
+                     out.data_ptr(), num_seqs, num_heads, k_cache.shape[1], head_dim,
+                     block_size, scale, window, self.num_threads)
         if rc != 0:
             raise ValueError(f"paged decode kernel: unsupported shape q={tuple(q.shape)}, "
                              f"k_cache={tuple(k_cache.shape)}")
@@ -106,13 +113,14 @@ class RMSNormKernel:
 
 class RopeCacheKernel:
     """The fused qkv projection [T, (heads + 2 kv_heads) * head_dim] -> rotated q [T, heads,
-    head_dim] and k [T, kv_heads, head_dim]; k and v are also written to their cache slots.
+    head_dim] and k [T, kv_heads, head_dim]; k and v are also written to their cache slots
+    (converted, or quantized to int8 rows, when the cache holds another dtype).
     cos/sin: float32 tables [positions, head_dim]; positions, slots: int64 [T]."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.fn = lib.kvserve_rope_cache
         c = ctypes
-        self.fn.argtypes = [c.c_int, c.c_void_p, c.c_int64, c.c_int, c.c_int, c.c_int,
+        self.fn.argtypes = [c.c_int, c.c_int, c.c_void_p, c.c_int64, c.c_int, c.c_int, c.c_int,
                             c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p,
                             c.c_void_p, c.c_void_p, c.c_void_p]
         self.fn.restype = c.c_int
@@ -120,7 +128,7 @@ class RopeCacheKernel:
     def supports(self, qkv: torch.Tensor, tables: torch.Tensor, k_cache: torch.Tensor) -> bool:
         return (qkv.device.type == "cpu" and qkv.dtype in DTYPE_CODES and qkv.is_contiguous()
                 and tables.dtype == torch.float32 and tables.is_contiguous()
-                and k_cache.dtype == qkv.dtype and k_cache.is_contiguous())
+                and k_cache.dtype in CACHE_CODES and k_cache.is_contiguous())
 
     def __call__(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
                  cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -128,13 +136,17 @@ class RopeCacheKernel:
         tokens = qkv.shape[0]
         q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype)
         k = torch.empty(tokens, num_kv_heads, head_dim, dtype=qkv.dtype)
-        rc = self.fn(DTYPE_CODES[qkv.dtype], qkv.data_ptr(), tokens, num_heads, num_kv_heads,
-                     head_dim, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
-                     slots.data_ptr(), q.data_ptr(), k.data_ptr(), k_cache.data_ptr(),
-                     v_cache.data_ptr())
+        rc = self.fn(DTYPE_CODES[qkv.dtype], CACHE_CODES[k_cache.dtype], qkv.data_ptr(), tokens,
+                     num_heads, num_kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(),
+                     positions.data_ptr(), slots.data_ptr(), q.data_ptr(), k.data_ptr(),
+                     k_cache.data_ptr(), v_cache.data_ptr())
         if rc != 0:
-            raise ValueError(f"rope kernel: unsupported head_dim {head_dim}")
+            raise ValueError(f"rope kernel: unsupported head_dim {head_dim} or cache dtype")
         return q, k
+
+
+def row_width(head_dim: int, cache_dtype: torch.dtype) -> int:
+    return head_dim + (KV_SCALE_BYTES if cache_dtype == torch.int8 else 0)
 
 
 @functools.cache

@@ -71,7 +71,8 @@ def group_metadata(batch: list[ScheduledRequest], group: int, window: int, block
 def prefill_span(s: ScheduledRequest, table: list[int], offset: int, block_size: int,
                  window: int, device: torch.device) -> PrefillSpan:
     """``| not seen (window) | context from the first block seen | this chunk |``"""
-    span = PrefillSpan(start=offset, num_new=s.num_new_tokens)
+    span = PrefillSpan(start=offset, num_new=s.num_new_tokens,
+                       block_table=torch.tensor(table, device=device))
     num_ctx = s.start + s.num_new_tokens
     first = max(0, s.start - window + 1) // block_size if window else 0  # first block read
     if s.start:

@@ -18,6 +18,7 @@ from kvserve import faults
 from kvserve.model.config import ModelConfig
 from kvserve.model.cpu_kernels import paged_decode_kernel
 from kvserve.model.cuda_kernels import flashinfer_decode_kernel
+from kvserve.model.kv_quant import KV_DTYPES
 from kvserve.runner.inputs import prepare_inputs
 from kvserve.runner.sampler import (
     apply_penalties,
@@ -35,18 +36,23 @@ PROMPT_LOGITS_ROWS = 256  # prompt logprobs: rows of [vocab] logits computed at 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int | list[int],
                  block_size: int, dtype: torch.dtype, device: torch.device,
-                 num_threads: int = 1, eos_token_ids: tuple[int, ...] = ()) -> None:
-        """``num_blocks``: of each KV cache group (config.kv_groups()); an int for one group."""
+                 num_threads: int = 1, eos_token_ids: tuple[int, ...] = (),
+                 kv_dtype: str | None = None) -> None:
+        """``num_blocks``: of each KV cache group (config.kv_groups()); an int for one group.
+        ``kv_dtype``: what the cache holds (kv_quant.py); None: the activation dtype."""
         self.model, self.device, self.block_size = model, device, block_size
         self.eos_token_ids = eos_token_ids  # masked until a request's min_tokens
+        cache_dtype = KV_DTYPES[kv_dtype] if kv_dtype else dtype
+        row = config.kv_row_width(kv_dtype) if kv_dtype else config.head_dim
         groups = config.kv_groups()
         counts = [num_blocks] if isinstance(num_blocks, int) else num_blocks
         assert len(counts) == len(groups), "one block count per KV cache group"
         self.windows = tuple(window for window, _ in groups)
-        # One tensor per group, [group layers, K/V, slots, kv_heads, head_dim], allocated once.
+        # One tensor per group, [group layers, K/V, slots, kv_heads, row], allocated once;
+        # row = head_dim (+ 4 for int8).
         self.kv_caches = [
-            torch.zeros(len(layers), 2, n * block_size, config.num_kv_heads, config.head_dim,
-                        dtype=dtype, device=device) for (_, layers), n in zip(groups, counts)]
+            torch.zeros(len(layers), 2, n * block_size, config.num_kv_heads, row,
+                        dtype=cache_dtype, device=device) for (_, layers), n in zip(groups, counts)]
         self.kv_cache = self.kv_caches[0]  # the only one without a sliding window
         for (_, layers), cache in zip(groups, self.kv_caches):
             for j, i in enumerate(layers):
@@ -68,7 +74,7 @@ class ModelRunner:
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        """[layers, K/V, block_size, kv_heads, head_dim]: the payload of one block."""
+        """[layers, K/V, block_size, kv_heads, row]: the payload of one block."""
         shape = self.kv_cache.shape
         return (shape[0], shape[1], self.block_size, *shape[3:])
 
@@ -233,7 +239,7 @@ class ModelRunner:
         return self.generators[s.request_id]
 
     def _block(self, block_id: int) -> torch.Tensor:
-        """[layers, K/V, block_size, kv_heads, head_dim] view of one block (one KV cache
+        """[layers, K/V, block_size, kv_heads, row] view of one block (one KV cache
         group: the tiers are off for a model with a sliding window)."""
         start = block_id * self.block_size
         return self.kv_cache[:, :, start : start + self.block_size]

@@ -11,9 +11,12 @@
 #include <vector>
 
 #include "bf16.h"
+#include "kv_int8.h"
 
 namespace {
 
+using kvserve::row_scale;
+using kvserve::row_width;
 using kvserve::store;
 using kvserve::to_float;
 
@@ -41,7 +44,7 @@ constexpr int kMaxHeads = 128;
 
 struct Args {
     const void* q;        // [num_seqs, num_heads, head_dim], sequences q_stride elements apart
-    const void* k_cache;  // [num_slots, num_kv_heads, head_dim]
+    const void* k_cache;  // [num_slots, num_kv_heads, row_width<C>(head_dim)]
     const void* v_cache;
     const int64_t* block_tables;  // [num_seqs, table_stride]
     const int64_t* context_lens;  // [num_seqs]
@@ -52,16 +55,19 @@ struct Args {
     int window;  // > 0: attend only to the last `window` positions (sliding-window layers)
 };
 
-template <typename T, int D>
+// T: the query and output element; C: the cache element (T, another float type, or int8
+// rows whose scale is applied to each dot product and each weight of a V row).
+template <typename T, typename C, int D>
 void attend(const Args& a, int seq, std::vector<float>& scores) {
     const int nh = a.num_heads, nkv = a.num_kv_heads, group = nh / nkv, bs = a.block_size;
-    const int64_t end = a.context_lens[seq], row = int64_t(nkv) * D;  // slot stride
+    constexpr int R = row_width<C>(D);
+    const int64_t end = a.context_lens[seq], row = int64_t(nkv) * R;  // slot stride
     const int64_t first = a.window > 0 && end > a.window ? end - a.window : 0;
     const int64_t len = end - first;  // positions first .. end - 1; blocks before: not read
     const int64_t* table = a.block_tables + seq * a.table_stride;
     const T* q = static_cast<const T*>(a.q) + seq * a.q_stride;
-    const T* kc = static_cast<const T*>(a.k_cache);
-    const T* vc = static_cast<const T*>(a.v_cache);
+    const C* kc = static_cast<const C*>(a.k_cache);
+    const C* vc = static_cast<const C*>(a.v_cache);
 
     alignas(64) float qf[kMaxHeads][D];
     for (int h = 0; h < nh; ++h)
@@ -72,13 +78,13 @@ void attend(const Args& a, int seq, std::vector<float>& scores) {
     float* s = scores.data();
     for (int64_t t = 0; t < len; ++t) {
         const int64_t pos = first + t;
-        const T* k = kc + (table[pos / bs] * bs + pos % bs) * row;
+        const C* k = kc + (table[pos / bs] * bs + pos % bs) * row;
         for (int h = 0; h < nh; ++h) {
-            const T* kh = k + (h / group) * D;
+            const C* kh = k + (h / group) * R;
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
             for (int i = 0; i < D; ++i) dot += qf[h][i] * to_float(kh[i]);
-            s[h * len + t] = dot;
+            s[h * len + t] = dot * row_scale(kh, D);
         }
     }
     float inv_sum[kMaxHeads];
@@ -97,10 +103,10 @@ void attend(const Args& a, int seq, std::vector<float>& scores) {
     alignas(64) float acc[kMaxHeads][D] = {};
     for (int64_t t = 0; t < len; ++t) {
         const int64_t pos = first + t;
-        const T* v = vc + (table[pos / bs] * bs + pos % bs) * row;
+        const C* v = vc + (table[pos / bs] * bs + pos % bs) * row;
         for (int h = 0; h < nh; ++h) {
-            const T* vh = v + (h / group) * D;
-            const float p = s[h * len + t];
+            const C* vh = v + (h / group) * R;
+            const float p = s[h * len + t] * row_scale(vh, D);
 #pragma omp simd
             for (int i = 0; i < D; ++i) acc[h][i] += p * to_float(vh[i]);
         }
@@ -110,11 +116,12 @@ void attend(const Args& a, int seq, std::vector<float>& scores) {
         for (int i = 0; i < D; ++i) store(out + h * D + i, acc[h][i] * inv_sum[h]);
 }
 
-template <typename T, int D>
+template <typename T, typename C, int D>
 void run(const Args& a, int num_threads) {
     auto worker = [&](int first) {
         std::vector<float> scores;
-        for (int seq = first; seq < a.num_seqs; seq += num_threads) attend<T, D>(a, seq, scores);
+        for (int seq = first; seq < a.num_seqs; seq += num_threads)
+            attend<T, C, D>(a, seq, scores);
     };
     if (num_threads > a.num_seqs) num_threads = a.num_seqs;
     if (num_threads <= 1) { worker(0); return; }
@@ -124,12 +131,22 @@ void run(const Args& a, int num_threads) {
     for (auto& t : threads) t.join();
 }
 
-template <typename T>
+template <typename T, typename C>
 int dispatch(const Args& a, int head_dim, int num_threads) {
     switch (head_dim) {
-        case 64: run<T, 64>(a, num_threads); return 0;
-        case 128: run<T, 128>(a, num_threads); return 0;
-        case 256: run<T, 256>(a, num_threads); return 0;
+        case 64: run<T, C, 64>(a, num_threads); return 0;
+        case 128: run<T, C, 128>(a, num_threads); return 0;
+        case 256: run<T, C, 256>(a, num_threads); return 0;
+        default: return -1;
+    }
+}
+
+template <typename T>
+int dispatch_cache(const Args& a, int cache_dtype, int head_dim, int num_threads) {
+    switch (cache_dtype) {
+        case 0: return dispatch<T, float>(a, head_dim, num_threads);
+        case 1: return dispatch<T, uint16_t>(a, head_dim, num_threads);
+        case 2: return dispatch<T, int8_t>(a, head_dim, num_threads);
         default: return -1;
     }
 }
@@ -138,9 +155,10 @@ int dispatch(const Args& a, int head_dim, int num_threads) {
 
 extern "C" {
 
-// dtype: 0 = float32, 1 = bfloat16. Returns 0, or -1 for a shape this kernel does not cover
-// (the caller then uses the PyTorch path).
-int kvserve_paged_decode(int dtype, const void* q, int64_t q_stride, const void* k_cache,
+// dtype (of q and out): 0 = float32, 1 = bfloat16; cache_dtype: the same codes, or 2 = int8
+// rows (kv_int8.h). Returns 0, or -1 for a shape this kernel does not cover (the caller then
+// uses the PyTorch path).
+int kvserve_paged_decode(int dtype, int cache_dtype, const void* q, int64_t q_stride, const void* k_cache,
                          const void* v_cache, const int64_t* block_tables, int64_t table_stride,
                          const int64_t* context_lens, void* out, int num_seqs, int num_heads,
                          int num_kv_heads, int head_dim, int block_size, float scale,
@@ -148,8 +166,8 @@ int kvserve_paged_decode(int dtype, const void* q, int64_t q_stride, const void*
     if (num_heads > kMaxHeads || num_kv_heads < 1 || num_heads % num_kv_heads) return -1;
     const Args a{q, k_cache, v_cache, block_tables, context_lens, out, q_stride, table_stride,
                  num_seqs, num_heads, num_kv_heads, block_size, scale, window};
-    if (dtype == 0) return dispatch<float>(a, head_dim, num_threads);
-    if (dtype == 1) return dispatch<uint16_t>(a, head_dim, num_threads);
+    if (dtype == 0) return dispatch_cache<float>(a, cache_dtype, head_dim, num_threads);
+    if (dtype == 1) return dispatch_cache<uint16_t>(a, cache_dtype, head_dim, num_threads);
     return -1;
 }
 

@@ -2,16 +2,21 @@
 // qkv projection once, writes the rotated queries and keys out and the keys and values into
 // their cache slots, in place of about ten PyTorch ops (slices, mul, neg, cat, add, two
 // index copies). The rotation is the Hugging Face one: the halves of each head are rotated.
+// The cache may hold another element type than the activations: a float type, or int8 rows
+// quantized here from the values as rounded to the activation type (kv_int8.h).
 
 #include <cstdint>
 #include <cstring>
 
 #include "bf16.h"
+#include "kv_int8.h"
 
 namespace {
 
+using kvserve::row_width;
 using kvserve::store;
 using kvserve::to_float;
+using kvserve::write_row;
 
 template <typename T>
 inline void rotate(const T* x, const float* cos, const float* sin, T* out, int half) {
@@ -22,45 +27,67 @@ inline void rotate(const T* x, const float* cos, const float* sin, T* out, int h
     }
 }
 
-template <typename T>
+template <typename T, typename C>
 void rope_cache(const T* qkv, int64_t tokens, int nh, int nkv, int d, const float* cos_table,
                 const float* sin_table, const int64_t* positions, const int64_t* slots,
-                T* q_out, T* k_out, T* k_cache, T* v_cache) {
-    const int64_t row = int64_t(nh + 2 * nkv) * d, half = d / 2;
+                T* q_out, T* k_out, C* k_cache, C* v_cache) {
+    const int64_t row = int64_t(nh + 2 * nkv) * d, half = d / 2, r = row_width<C>(d);
     for (int64_t t = 0; t < tokens; ++t) {
         const T* x = qkv + t * row;
         const float* cos = cos_table + positions[t] * d;
         const float* sin = sin_table + positions[t] * d;
         for (int h = 0; h < nh; ++h) rotate(x + h * d, cos, sin, q_out + (t * nh + h) * d, half);
-        T* kc = k_cache + slots[t] * nkv * d;
+        C* kc = k_cache + slots[t] * nkv * r;
+        C* vc = v_cache + slots[t] * nkv * r;
         for (int h = 0; h < nkv; ++h) {
             T* k = k_out + (t * nkv + h) * d;
             rotate(x + (nh + h) * d, cos, sin, k, half);
-            std::memcpy(kc + h * d, k, sizeof(T) * d);
+            write_row(k, kc + h * r, d);
+            write_row(x + (nh + nkv + h) * d, vc + h * r, d);
         }
-        std::memcpy(v_cache + slots[t] * nkv * d, x + (nh + nkv) * d, sizeof(T) * nkv * d);
+    }
+}
+
+template <typename T>
+int rope_cache_to(int cache_dtype, const T* qkv, int64_t tokens, int nh, int nkv, int d,
+                  const float* cos, const float* sin, const int64_t* positions,
+                  const int64_t* slots, T* q_out, T* k_out, void* k_cache, void* v_cache) {
+    switch (cache_dtype) {
+        case 0:
+            rope_cache(qkv, tokens, nh, nkv, d, cos, sin, positions, slots, q_out, k_out,
+                       static_cast<float*>(k_cache), static_cast<float*>(v_cache));
+            return 0;
+        case 1:
+            rope_cache(qkv, tokens, nh, nkv, d, cos, sin, positions, slots, q_out, k_out,
+                       static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache));
+            return 0;
+        case 2:
+            rope_cache(qkv, tokens, nh, nkv, d, cos, sin, positions, slots, q_out, k_out,
+                       static_cast<int8_t*>(k_cache), static_cast<int8_t*>(v_cache));
+            return 0;
+        default:
+            return -1;
     }
 }
 
 }  // namespace
 
-extern "C" int kvserve_rope_cache(int dtype, const void* qkv, int64_t tokens, int num_heads,
-                                  int num_kv_heads, int head_dim, const float* cos_table,
-                                  const float* sin_table, const int64_t* positions,
-                                  const int64_t* slots, void* q_out, void* k_out, void* k_cache,
-                                  void* v_cache) {
+// dtype (of qkv, q and k): 0 = float32, 1 = bfloat16; cache_dtype: the same codes, or 2 = int8.
+extern "C" int kvserve_rope_cache(int dtype, int cache_dtype, const void* qkv, int64_t tokens,
+                                  int num_heads, int num_kv_heads, int head_dim,
+                                  const float* cos_table, const float* sin_table,
+                                  const int64_t* positions, const int64_t* slots, void* q_out,
+                                  void* k_out, void* k_cache, void* v_cache) {
     if (head_dim % 2) return -1;
     if (dtype == 0)
-        rope_cache(static_cast<const float*>(qkv), tokens, num_heads, num_kv_heads, head_dim,
-                   cos_table, sin_table, positions, slots, static_cast<float*>(q_out),
-                   static_cast<float*>(k_out), static_cast<float*>(k_cache),
-                   static_cast<float*>(v_cache));
-    else if (dtype == 1)
-        rope_cache(static_cast<const uint16_t*>(qkv), tokens, num_heads, num_kv_heads,
-                   head_dim, cos_table, sin_table, positions, slots,
-                   static_cast<uint16_t*>(q_out), static_cast<uint16_t*>(k_out),
-                   static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache));
-    else
-        return -1;
-    return 0;
+        return rope_cache_to(cache_dtype, static_cast<const float*>(qkv), tokens, num_heads,
+                             num_kv_heads, head_dim, cos_table, sin_table, positions, slots,
+                             static_cast<float*>(q_out), static_cast<float*>(k_out), k_cache,
+                             v_cache);
+    if (dtype == 1)
+        return rope_cache_to(cache_dtype, static_cast<const uint16_t*>(qkv), tokens, num_heads,
+                             num_kv_heads, head_dim, cos_table, sin_table, positions, slots,
+                             static_cast<uint16_t*>(q_out), static_cast<uint16_t*>(k_out),
+                             k_cache, v_cache);
+    return -1;
 }
