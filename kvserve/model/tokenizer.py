@@ -114,14 +114,7 @@ class Tokenizer:
         backend.pre_tokenizer = make_pre_tokenizer()
         backend.decoder = decoders.ByteLevel()
         _add_gguf_special_tokens(backend, tokens, metadata.get("tokenizer.ggml.token_type", []))
-        eos = metadata.get("tokenizer.ggml.eos_token_id")
-        return cls(
-            backend,
-            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=() if eos is None else (eos,),
-            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
-            chat_template=metadata.get("tokenizer.chat_template"),
-        )
+        return cls._with_gguf_specials(backend, metadata, add_bos_default=False)
 
     @classmethod
     def _from_gguf_sentencepiece(cls, metadata: dict[str, Any]) -> Tokenizer:
@@ -142,12 +135,18 @@ class Tokenizer:
         backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                              decoders.Fuse()])
         _add_gguf_special_tokens(backend, tokens, types)
+        return cls._with_gguf_specials(backend, metadata, add_bos_default=True)
+
+    @classmethod
+    def _with_gguf_specials(cls, backend: Backend, metadata: dict[str, Any],
+                            add_bos_default: bool) -> Tokenizer:
+        """The tokenizer around ``backend`` with the file's BOS, EOS and chat template."""
         eos = metadata.get("tokenizer.ggml.eos_token_id")
         return cls(
             backend,
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (eos,),
-            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
+            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
             chat_template=metadata.get("tokenizer.chat_template"),
         )
 
