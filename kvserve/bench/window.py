@@ -33,7 +33,7 @@ def held(model_config, config, num_tokens: int) -> dict:
     """Schedule one prompt of ``num_tokens`` and one output token; bytes held once the
     prompt is computed, and the most held during a step."""
     from kvserve.cache.manager import KVCacheManager
-    from kvserve.engine.engine import group_block_counts
+    from kvserve.engine.kv_setup import group_block_counts
     from kvserve.engine.request import Request
     from kvserve.engine.scheduler import Scheduler, SchedulerConfig
     from kvserve.sampling_params import SamplingParams

@@ -18,17 +18,15 @@ import torch
 
 import kvserve
 from kvserve import faults
-from kvserve.cache.disk_tier import DiskTier
 from kvserve.cache.manager import KVCacheManager
-from kvserve.cache.remote_tier import RemoteTier
 from kvserve.cache.stats import cache_report
-from kvserve.cache.tiers import HostTier, TierStore
+from kvserve.cache.tiers import TierStore
 from kvserve.config import EngineConfig
+from kvserve.engine.kv_setup import build_tiers, group_block_counts, kv_format
 from kvserve.engine.output import RequestOutput, TextStream, finish_reason, make_output
 from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.stats import EngineStats
-from kvserve.model.config import ModelConfig
 from kvserve.model.kv_quant import KV_DTYPES
 from kvserve.model.loader import Checkpoint, load_checkpoint
 from kvserve.model.quant import quantized_nbytes, resolve_quantization
@@ -43,72 +41,12 @@ from kvserve.units import format_size
 log = logging.getLogger("kvserve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KV_LAYOUT_VERSION = 1  # bump when the order of a block's payload changes
 
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def kv_format(config: EngineConfig, model: ModelConfig) -> str:
-    """What a block's payload is: dtype and layout [layers, K/V, tokens, kv_heads, row].
-
-    int8 names its scale layout; a cache dtype other than the activations' also names the
-    activation dtype, since the K/V of either are computed differently and must not mix."""
-    kv = config.kv_dtype
-    shape = (model.num_layers, 2, config.block_size, model.num_kv_heads,
-             model.kv_row_width(kv))
-    name = "int8+f32-absmax-scale-per-token-head" if kv == "int8" else kv
-    if kv != config.dtype:
-        name += f"@{config.dtype}"
-    return f"{name};v{KV_LAYOUT_VERSION};{'x'.join(map(str, shape))}"
-
-
-def group_block_counts(config: EngineConfig, windows: tuple[int, ...],
-                       block_bytes: list[int]) -> list[int]:
-    """Blocks of each KV cache group out of ``config.kv_cache_memory``.
-
-    One group: as many blocks as fit. Several: first as many blocks in every group as fit
-    (what full attention would have), then each sliding group is cut to what max_num_seqs
-    windows and one step's chunk can use, and what that frees goes to the full group."""
-    memory = config.kv_cache_memory
-    if len(windows) == 1:
-        return [memory // block_bytes[0]]
-    even = memory // sum(block_bytes)
-    bs = config.block_size
-    counts = [min(even, config.max_num_seqs * (-(-window // bs) + 1)
-                  + -(-config.max_num_batched_tokens // bs)) if window else even
-              for window in windows]
-    if windows[0] == 0:  # the full group takes what the sliding ones leave
-        rest = memory - sum(n * b for n, b in zip(counts[1:], block_bytes[1:]))
-        counts[0] = rest // block_bytes[0]
-    return counts
-
-
-def build_tiers(config: EngineConfig, fingerprint: str, kv_fmt: str, block_bytes: int,
-                dtype: torch.dtype, device: torch.device) -> TierStore:
-    host_bytes = config.kv_host_memory
-    if host_bytes is None:
-        host_bytes = 4 << 30 if device.type == "cuda" else 0
-
-    def decode(data: bytes) -> torch.Tensor:
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype)
-
-    def encode(payload: torch.Tensor) -> bytes:
-        return payload.contiguous().view(torch.uint8).numpy().tobytes()
-
-    disk = None
-    if config.kv_disk_cache:
-        disk = DiskTier(config.kv_disk_cache, config.kv_disk_size, fingerprint, encode, decode,
-                        kv_fmt, block_bytes)
-    remote = None
-    if config.kv_remote:
-        remote = RemoteTier(config.kv_remote, fingerprint, encode, decode, kv_fmt, block_bytes,
-                            config.kv_remote_ttl)
-    host = HostTier(host_bytes) if host_bytes else None
-    return TierStore(host, disk, block_bytes, remote)
 
 
 @functools.cache

@@ -72,7 +72,7 @@ def test_4k_request_holds_the_window_in_sliding_layers(gemma3):
     does (no forward pass: the cache's accounting is what is tested). Between steps each
     sliding layer holds at most window / block + 1 blocks; the full ones hold everything."""
     from kvserve.config import EngineConfig
-    from kvserve.engine.engine import group_block_counts
+    from kvserve.engine.kv_setup import group_block_counts
 
     config = gemma3.config
     groups = config.kv_groups()
