@@ -10,8 +10,8 @@ into a single padded attention call), then prefill chunks (one call per sequence
 the decodes go to a C++ kernel (cpu_kernels.py) that reads the blocks in place instead.
 
 The cache may hold another dtype than the activations (kv_quant.py: a float dtype, or int8
-rows with a scale each). With int8 and the C++ kernel, prefill chunks go to the decode
-kernel too, one query per row with its own causal length, reading the rows in place: each
+rows with a scale each, keys rotated). With int8 and the C++ kernel, prefill chunks go to the
+decode kernel too, one query per row with its own causal length, reading the rows in place: each
 query token is then computed exactly as a decode of it would be, so chunking, preemption
 and prefix hits cannot move a value across a rounding step of the quantizer. Otherwise the
 PyTorch path converts only what a sequence reads: the blocks of its table, gathered, never
@@ -79,7 +79,7 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
     converted = k_cache.dtype != q.dtype  # the cache holds another dtype (kv_quant.py)
     if not kv_written:
-        k_cache.index_copy_(0, meta.slot_mapping, to_cache(k, k_cache.dtype))
+        k_cache.index_copy_(0, meta.slot_mapping, to_cache(k, k_cache.dtype, key=True))
         v_cache.index_copy_(0, meta.slot_mapping, to_cache(v, v_cache.dtype))
     parts = []  # in token order: the decodes, then each prefill chunk
     bs = meta.block_size
@@ -90,7 +90,7 @@ def paged_attention(
     elif d:
         assert meta.decode_blocks is not None
         kd = from_cache(gather(k_cache, meta.decode_blocks, meta.decode_len, bs),
-                        q.dtype).transpose(1, 2)
+                        q.dtype, key=True).transpose(1, 2)
         vd = from_cache(gather(v_cache, meta.decode_blocks, meta.decode_len, bs),
                         q.dtype).transpose(1, 2)
         qd = q[:d].unsqueeze(2)  # [d, num_heads, 1, head_dim]
@@ -112,7 +112,8 @@ def paged_attention(
             ks, vs = k[span.start : end], v[span.start : end]
             if converted:  # the values as stored, as every later reader sees them
                 slots = meta.slot_mapping[span.start : end]
-                ks, vs = from_cache(k_cache[slots], q.dtype), from_cache(v_cache[slots], q.dtype)
+                ks = from_cache(k_cache[slots], q.dtype, key=True)
+                vs = from_cache(v_cache[slots], q.dtype)
             ks, vs = ks[None].transpose(1, 2), vs[None].transpose(1, 2)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask,
                                                is_causal=span.mask is None, scale=scale,
@@ -120,7 +121,7 @@ def paged_attention(
         else:
             num_ctx = span.mask.shape[1]
             ks = from_cache(gather(k_cache, span.context_blocks[None], num_ctx, bs),
-                            q.dtype).transpose(1, 2)
+                            q.dtype, key=True).transpose(1, 2)
             vs = from_cache(gather(v_cache, span.context_blocks[None], num_ctx, bs),
                             q.dtype).transpose(1, 2)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale,

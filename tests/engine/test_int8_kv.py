@@ -58,10 +58,18 @@ def test_perplexity_within_half_a_percent_of_float_kv(float_kv, int8_kv):
 
 
 def test_greedy_continuations_match_float_kv(float_kv, int8_kv):
-    expected = [o.token_ids for o in float_kv.generate(PROMPTS, GREEDY)]
+    """At least 6 of 8 greedy continuations equal the float cache's for 32 tokens, and where
+    one differs, the float cache's first and second choices at that token were close (under
+    0.25 nats apart; most tokens here are 1-4 nats clear): int8 only tips near ties."""
+    reference = float_kv.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0,
+                                                          ignore_eos=True, logprobs=2))
     got = [o.token_ids for o in int8_kv.generate(PROMPTS, GREEDY)]
-    assert sum(a == b for a, b in zip(got, expected)) >= 5
-    assert all(a[:8] == b[:8] for a, b in zip(got, expected))
+    assert sum(a == r.token_ids for a, r in zip(got, reference)) >= 6
+    for a, r in zip(got, reference):
+        first = next((i for i, (x, y) in enumerate(zip(a, r.token_ids)) if x != y), None)
+        if first is not None:
+            top = sorted(r.logprobs[first].values(), reverse=True)
+            assert top[0] - top[1] < 0.25, (first, top)
 
 
 def test_bytes_are_counted_at_int8_size(checkpoint, float_kv, int8_kv):
@@ -97,7 +105,7 @@ def test_int8_and_float_engines_never_read_each_others_blocks(tiny_checkpoint, t
         first.engine.step()
         first.close()
         formats.add(first.engine.kv.tiers.disk.kv_format)
-    assert formats == {b"int8+f32-absmax-scale-per-token-head@float32;v1;2x2x16x2x12",
+    assert formats == {b"int8+f32-absmax-scale-per-token-head+hadamard-k@float32;v1;2x2x16x2x12",
                        b"float32;v1;2x2x16x2x8"}
     on_disk = set()
     for f in tmp_path.rglob("*"):

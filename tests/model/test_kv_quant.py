@@ -11,7 +11,7 @@ import torch
 
 from kvserve.model import cpu_kernels
 from kvserve.model.attention import AttentionMetadata, PrefillSpan, paged_attention
-from kvserve.model.kv_quant import from_cache, to_cache
+from kvserve.model.kv_quant import from_cache, hadamard_size, rotate, to_cache
 
 BLOCK = 16
 LENS = [1, 5, 16, 17, 40, 100, 33]
@@ -36,12 +36,32 @@ def test_int8_rows_hold_values_and_scale():
                        x.bfloat16().float())
 
 
+def test_key_rows_are_rotated_before_quantizing():
+    """A key row is rotated (an orthogonal map up to the block size) and then quantized: it
+    comes back within the quantizer's step, and a row with a few large channels, as keys
+    have, comes back several times closer than without the rotation."""
+    g = torch.Generator().manual_seed(1)
+    for head_dim, block in ((64, 64), (128, 128), (96, 32)):
+        assert hadamard_size(head_dim) == block
+        x = torch.randn(5, 2, head_dim, generator=g, dtype=torch.float64)
+        assert torch.allclose(rotate(rotate(x)), x * block)
+        assert torch.allclose(rotate(x).norm(dim=-1), x.norm(dim=-1) * block**0.5)
+    x = torch.randn(200, 3, 64, generator=g)
+    x[..., [5, 37]] *= 30  # two outlier channels
+    err = {key: (from_cache(to_cache(x, torch.int8, key=key), torch.float64, key=key)
+                 - x.double()).pow(2).mean().item() for key in (False, True)}
+    assert err[True] * 4 < err[False], err
+    rows = to_cache(x, torch.int8, key=True)
+    scale = rows[..., 64:].contiguous().view(torch.float32)
+    assert torch.equal(scale, rotate(x).abs().amax(-1, keepdim=True) / 127)
+
+
 def make_case(q_dtype, cache_dtype, num_heads, num_kv_heads, head_dim, lens, seed=0):
     """q, the two caches (in ``cache_dtype``), scattered block tables and lengths."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = 64
     shape = (num_blocks * BLOCK, num_kv_heads, head_dim)
-    k_cache = to_cache(torch.randn(shape, generator=g) * 2, cache_dtype)
+    k_cache = to_cache(torch.randn(shape, generator=g) * 2, cache_dtype, key=True)
     v_cache = to_cache(torch.randn(shape, generator=g), cache_dtype)
     order = torch.randperm(num_blocks, generator=g).tolist()
     width = max(-(-n // BLOCK) for n in lens)
@@ -57,7 +77,7 @@ def make_case(q_dtype, cache_dtype, num_heads, num_kv_heads, head_dim, lens, see
 
 def reference(q, k_cache, v_cache, tables, lens, scale, num_queries=1):
     """float64 attention of each sequence's last ``num_queries`` positions, causal."""
-    k64, v64 = from_cache(k_cache, torch.float64), from_cache(v_cache, torch.float64)
+    k64, v64 = from_cache(k_cache, torch.float64, key=True), from_cache(v_cache, torch.float64)
     group = q.shape[1] // k64.shape[1]
     outs = []
     for i, n in enumerate(lens.tolist()):
@@ -176,7 +196,7 @@ def test_rope_kernel_writes_rows_as_to_cache(dtype, cache_dtype):
     assert kernel.supports(qkv, cos, k_cache)
     _, k = kernel(qkv, nh, nkv, hd, cos, sin, positions, slots, k_cache, v_cache)
     v = qkv[:, (nh + nkv) * hd :].view(tokens, nkv, hd)
-    assert torch.equal(k_cache[slots], to_cache(k, cache_dtype))
+    assert torch.equal(k_cache[slots], to_cache(k, cache_dtype, key=True))
     assert torch.equal(v_cache[slots], to_cache(v, cache_dtype))
     untouched = torch.ones(32, dtype=torch.bool)
     untouched[slots] = False

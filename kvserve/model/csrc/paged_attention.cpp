@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "bf16.h"
@@ -70,8 +71,16 @@ void attend(const Args& a, int seq, std::vector<float>& scores) {
     const C* vc = static_cast<const C*>(a.v_cache);
 
     alignas(64) float qf[kMaxHeads][D];
-    for (int h = 0; h < nh; ++h)
-        for (int i = 0; i < D; ++i) qf[h][i] = to_float(q[h * D + i]) * a.scale;
+    for (int h = 0; h < nh; ++h) {
+        if constexpr (std::is_same_v<C, int8_t>) {  // keys are stored rotated (kv_int8.h)
+            for (int i = 0; i < D; ++i) qf[h][i] = to_float(q[h * D + i]);
+            kvserve::hadamard(qf[h], D);
+            const float s = a.scale / kvserve::hadamard_size(D);
+            for (int i = 0; i < D; ++i) qf[h][i] *= s;
+        } else {
+            for (int i = 0; i < D; ++i) qf[h][i] = to_float(q[h * D + i]) * a.scale;
+        }
+    }
 
     // Scores q.k of every head and position: [num_heads, len].
     scores.resize(size_t(nh) * len);

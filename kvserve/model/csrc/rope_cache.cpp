@@ -3,7 +3,8 @@
 // their cache slots, in place of about ten PyTorch ops (slices, mul, neg, cat, add, two
 // index copies). The rotation is the Hugging Face one: the halves of each head are rotated.
 // The cache may hold another element type than the activations: a float type, or int8 rows
-// quantized here from the values as rounded to the activation type (kv_int8.h).
+// quantized here from the values as rounded to the activation type, keys rotated first
+// (kv_int8.h).
 
 #include <cstdint>
 #include <cstring>
@@ -42,7 +43,7 @@ void rope_cache(const T* qkv, int64_t tokens, int nh, int nkv, int d, const floa
         for (int h = 0; h < nkv; ++h) {
             T* k = k_out + (t * nkv + h) * d;
             rotate(x + (nh + h) * d, cos, sin, k, half);
-            write_row(k, kc + h * r, d);
+            write_row<true>(k, kc + h * r, d);
             write_row(x + (nh + nkv + h) * d, vc + h * r, d);
         }
     }
@@ -78,7 +79,7 @@ extern "C" int kvserve_rope_cache(int dtype, int cache_dtype, const void* qkv, i
                                   const float* cos_table, const float* sin_table,
                                   const int64_t* positions, const int64_t* slots, void* q_out,
                                   void* k_out, void* k_cache, void* v_cache) {
-    if (head_dim % 2) return -1;
+    if (head_dim % 2 || head_dim > kvserve::kMaxHeadDim) return -1;
     if (dtype == 0)
         return rope_cache_to(cache_dtype, static_cast<const float*>(qkv), tokens, num_heads,
                              num_kv_heads, head_dim, cos_table, sin_table, positions, slots,
