@@ -29,7 +29,7 @@ log = logging.getLogger("kvserve")
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp")]
-HEADERS = [CSRC / "bf16.h", CSRC / "kv_int8.h"]
+HEADERS = [CSRC / name for name in ("bf16.h", "kv_int8.h", "thread_pool.h")]
 # -fassociative-math lets the compiler sum a dot product as a tree of vector adds. The kernel
 # stays deterministic: one compiled order for every sequence, however the batch is made up.
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros",

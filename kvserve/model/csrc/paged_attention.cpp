@@ -1,18 +1,22 @@
-// Decode attention straight from the paged KV cache, on the CPU.
+// Attention straight from the paged KV cache, on the CPU.
 //
-// One query token per sequence reads its keys and values through its block table: no copy of
-// the context is made, and the cost is the tokens actually attended. Each sequence is one
-// task, and a task's result does not depend on the rest of the batch, so a sequence decodes
-// the same tokens alone or batched. Built and loaded by kvserve/model/cpu_kernels.py.
+// Each query row reads its keys and values through its block table: no copy of the context is
+// made, and the cost is the tokens actually attended. Decodes are one row per sequence; the
+// queries of a prefill chunk over int8 rows come as rows sharing one table, each with its own
+// causal length, and are computed in tiles that load each key and value once. A task is a
+// tile and one kv head, and a row's result depends on nothing else in the call, so a token is
+// computed the same alone, batched, or in a prefill chunk. Built and loaded by
+// kvserve/model/cpu_kernels.py, run on its persistent thread pool (thread_pool.h).
 
+#include <climits>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "bf16.h"
 #include "kv_int8.h"
+#include "thread_pool.h"
 
 namespace {
 
@@ -42,102 +46,167 @@ inline float exp_nonpositive(float x) {
 }
 
 constexpr int kMaxHeads = 128;
+constexpr int kTile = 16;  // queries of one sequence computed together (a prefill chunk)
 
 struct Args {
-    const void* q;        // [num_seqs, num_heads, head_dim], sequences q_stride elements apart
+    const void* q;        // [num_rows, num_heads, head_dim], rows q_stride elements apart
     const void* k_cache;  // [num_slots, num_kv_heads, row_width<C>(head_dim)]
     const void* v_cache;
-    const int64_t* block_tables;  // [num_seqs, table_stride]
-    const int64_t* context_lens;  // [num_seqs]
-    void* out;                    // [num_seqs, num_heads, head_dim]
+    const int64_t* block_tables;  // [num_rows, table_stride]; stride 0: one table for all
+    const int64_t* context_lens;  // [num_rows]
+    void* out;                    // [num_rows, num_heads, head_dim]
     int64_t q_stride, table_stride;
-    int num_seqs, num_heads, num_kv_heads, block_size;
+    int num_rows, num_heads, num_kv_heads, block_size;
     float scale;
     int window;  // > 0: attend only to the last `window` positions (sliding-window layers)
 };
 
+// A cache row's values as float (in place for a float cache, else converted into `buf`).
+template <typename C, int D>
+inline const float* load_row(const C* row, float* buf) {
+    if constexpr (std::is_same_v<C, float>) {
+        return row;
+    } else {
+        for (int i = 0; i < D; ++i) buf[i] = to_float(row[i]);
+        return buf;
+    }
+}
+
+template <int D>
+inline float dot(const float* a, const float* b) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < D; ++i) s += a[i] * b[i];
+    return s;
+}
+
+// Scratch of one thread, reused from call to call.
+struct Scratch {
+    std::vector<float> q, scores, acc;
+};
+
+// One task: the query heads of kv heads [kv0, kv1), for rows [row0, row0 + nq) that share
+// one block table and each attend causally up to its own context length (nq = 1: a decode).
+// Keys and values are loaded once per position for all the task's queries; every query's
+// arithmetic (the dot products, the softmax, the weighted sum in position order) is the same
+// whatever nq, its row, the heads alongside or the other rows, so a token is computed the
+// same alone, batched, or as part of a prefill chunk.
 // T: the query and output element; C: the cache element (T, another float type, or int8
 // rows whose scale is applied to each dot product and each weight of a V row).
 template <typename T, typename C, int D>
-void attend(const Args& a, int seq, std::vector<float>& scores) {
-    const int nh = a.num_heads, nkv = a.num_kv_heads, group = nh / nkv, bs = a.block_size;
+void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
+    const int group = a.num_heads / a.num_kv_heads, bs = a.block_size, nkv = kv1 - kv0;
     constexpr int R = row_width<C>(D);
-    const int64_t end = a.context_lens[seq], row = int64_t(nkv) * R;  // slot stride
-    const int64_t first = a.window > 0 && end > a.window ? end - a.window : 0;
-    const int64_t len = end - first;  // positions first .. end - 1; blocks before: not read
-    const int64_t* table = a.block_tables + seq * a.table_stride;
-    const T* q = static_cast<const T*>(a.q) + seq * a.q_stride;
-    const C* kc = static_cast<const C*>(a.k_cache);
-    const C* vc = static_cast<const C*>(a.v_cache);
-
-    alignas(64) float qf[kMaxHeads][D];
-    for (int h = 0; h < nh; ++h) {
+    const int64_t stride = int64_t(a.num_kv_heads) * R;  // slot stride
+    const int64_t* table = a.block_tables + row0 * a.table_stride;
+    int64_t first[kTile], end[kTile], lo = INT64_MAX, hi = 0;
+    for (int j = 0; j < nq; ++j) {
+        end[j] = a.context_lens[row0 + j];
+        first[j] = a.window > 0 && end[j] > a.window ? end[j] - a.window : 0;
+        lo = first[j] < lo ? first[j] : lo;
+        hi = end[j] > hi ? end[j] : hi;
+    }
+    const int64_t len = hi - lo;  // positions lo .. hi - 1; blocks before lo: not read
+    const int per_query = nkv * group;  // rows r = j * per_query + (kv - kv0) * group + g
+    const int nrows = nq * per_query;
+    sc.q.resize(size_t(nrows) * D);
+    sc.scores.resize(size_t(nrows) * len);
+    sc.acc.assign(size_t(nrows) * D, 0.f);
+    float* qf = sc.q.data();
+    float* s = sc.scores.data();
+    float* acc = sc.acc.data();
+    for (int r = 0; r < nrows; ++r) {
+        const int j = r / per_query, h = kv0 * group + r % per_query;
+        const T* qh = static_cast<const T*>(a.q) + (row0 + j) * a.q_stride + h * D;
+        float* f = qf + r * D;
         if constexpr (std::is_same_v<C, int8_t>) {  // keys are stored rotated (kv_int8.h)
-            for (int i = 0; i < D; ++i) qf[h][i] = to_float(q[h * D + i]);
-            kvserve::hadamard(qf[h], D);
-            const float s = a.scale / kvserve::hadamard_size(D);
-            for (int i = 0; i < D; ++i) qf[h][i] *= s;
+            for (int i = 0; i < D; ++i) f[i] = to_float(qh[i]);
+            kvserve::hadamard(f, D);
+            const float m = a.scale / kvserve::hadamard_size(D);
+            for (int i = 0; i < D; ++i) f[i] *= m;
         } else {
-            for (int i = 0; i < D; ++i) qf[h][i] = to_float(q[h * D + i]) * a.scale;
+            for (int i = 0; i < D; ++i) f[i] = to_float(qh[i]) * a.scale;
         }
     }
-
-    // Scores q.k of every head and position: [num_heads, len].
-    scores.resize(size_t(nh) * len);
-    float* s = scores.data();
-    for (int64_t t = 0; t < len; ++t) {
-        const int64_t pos = first + t;
-        const C* k = kc + (table[pos / bs] * bs + pos % bs) * row;
-        for (int h = 0; h < nh; ++h) {
-            const C* kh = k + (h / group) * R;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int i = 0; i < D; ++i) dot += qf[h][i] * to_float(kh[i]);
-            s[h * len + t] = dot * row_scale(kh, D);
+    alignas(64) float buf[D];
+    for (int64_t pos = lo; pos < hi; ++pos) {  // scores q.k
+        const C* k = static_cast<const C*>(a.k_cache) + (table[pos / bs] * bs + pos % bs) * stride;
+        for (int kv = kv0; kv < kv1; ++kv) {
+            const float ks = row_scale(k + kv * R, D);
+            const float* kf = load_row<C, D>(k + kv * R, buf);
+            for (int j = 0; j < nq; ++j) {
+                if (pos < first[j] || pos >= end[j]) continue;
+                const int r0 = j * per_query + (kv - kv0) * group;
+                for (int r = r0; r < r0 + group; ++r)
+                    s[r * len + (pos - lo)] = dot<D>(qf + r * D, kf) * ks;
+            }
         }
     }
-    float inv_sum[kMaxHeads];
-    for (int h = 0; h < nh; ++h) {  // softmax over the context, normalized at the end
-        float* sh = s + h * len;
-        float m = sh[0];
-        for (int64_t t = 1; t < len; ++t) m = sh[t] > m ? sh[t] : m;
+    float inv_sum[kTile * kMaxHeads];
+    for (int r = 0; r < nrows; ++r) {  // softmax over each query's positions
+        const int j = r / per_query;
+        float* sr = s + r * len + (first[j] - lo);
+        const int64_t n = end[j] - first[j];
+        float m = sr[0];
+        for (int64_t t = 1; t < n; ++t) m = sr[t] > m ? sr[t] : m;
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; ++t) {
-            sh[t] = exp_nonpositive(sh[t] - m);
-            sum += sh[t];
+        for (int64_t t = 0; t < n; ++t) {
+            sr[t] = exp_nonpositive(sr[t] - m);
+            sum += sr[t];
         }
-        inv_sum[h] = 1.f / sum;
+        inv_sum[r] = 1.f / sum;
     }
-    alignas(64) float acc[kMaxHeads][D] = {};
-    for (int64_t t = 0; t < len; ++t) {
-        const int64_t pos = first + t;
-        const C* v = vc + (table[pos / bs] * bs + pos % bs) * row;
-        for (int h = 0; h < nh; ++h) {
-            const C* vh = v + (h / group) * R;
-            const float p = s[h * len + t] * row_scale(vh, D);
+    for (int64_t pos = lo; pos < hi; ++pos) {  // the weighted sum of values, in position order
+        const C* v = static_cast<const C*>(a.v_cache) + (table[pos / bs] * bs + pos % bs) * stride;
+        for (int kv = kv0; kv < kv1; ++kv) {
+            const float vs = row_scale(v + kv * R, D);
+            const float* vf = load_row<C, D>(v + kv * R, buf);
+            for (int j = 0; j < nq; ++j) {
+                if (pos < first[j] || pos >= end[j]) continue;
+                const int r0 = j * per_query + (kv - kv0) * group;
+                for (int r = r0; r < r0 + group; ++r) {
+                    const float p = s[r * len + (pos - lo)] * vs;
+                    float* ar = acc + r * D;
 #pragma omp simd
-            for (int i = 0; i < D; ++i) acc[h][i] += p * to_float(vh[i]);
+                    for (int i = 0; i < D; ++i) ar[i] += p * vf[i];
+                }
+            }
         }
     }
-    T* out = static_cast<T*>(a.out) + int64_t(seq) * nh * D;
-    for (int h = 0; h < nh; ++h)
-        for (int i = 0; i < D; ++i) store(out + h * D + i, acc[h][i] * inv_sum[h]);
+    for (int r = 0; r < nrows; ++r) {
+        const int j = r / per_query, h = kv0 * group + r % per_query;
+        T* oh = static_cast<T*>(a.out) + (int64_t(row0 + j) * a.num_heads + h) * D;
+        for (int i = 0; i < D; ++i) store(oh + i, acc[r * D + i] * inv_sum[r]);
+    }
 }
+
+// Tasks: a tile of rows, with all kv heads, or one kv head each when there are fewer tiles
+// than threads (a long decode alone). Rows with their own tables are tiles of one; rows
+// sharing one table (table_stride 0: the queries of one prefill chunk) are tiles of up to
+// kTile.
+template <typename T, typename C, int D>
+struct Job {
+    const Args& a;
+    int tile, split;  // split: kv heads per task
+    static void task(void* ctx, int64_t i) {
+        thread_local Scratch scratch;
+        const Job& job = *static_cast<const Job*>(ctx);
+        const int parts = job.a.num_kv_heads / job.split;
+        const int row0 = int(i / parts) * job.tile, kv0 = int(i % parts) * job.split;
+        const int nq = job.a.num_rows - row0 < job.tile ? job.a.num_rows - row0 : job.tile;
+        attend<T, C, D>(job.a, row0, nq, kv0, kv0 + job.split, scratch);
+    }
+};
 
 template <typename T, typename C, int D>
 void run(const Args& a, int num_threads) {
-    auto worker = [&](int first) {
-        std::vector<float> scores;
-        for (int seq = first; seq < a.num_seqs; seq += num_threads)
-            attend<T, C, D>(a, seq, scores);
-    };
-    if (num_threads > a.num_seqs) num_threads = a.num_seqs;
-    if (num_threads <= 1) { worker(0); return; }
-    std::vector<std::thread> threads;
-    for (int i = 1; i < num_threads; ++i) threads.emplace_back(worker, i);
-    worker(0);
-    for (auto& t : threads) t.join();
+    const int tile = a.table_stride == 0 ? kTile : 1;
+    const int64_t tiles = (a.num_rows + tile - 1) / tile;
+    const int split = tiles < num_threads ? 1 : a.num_kv_heads;
+    Job<T, C, D> job{a, tile, split};
+    kvserve::parallel_for(&Job<T, C, D>::task, &job, tiles * (a.num_kv_heads / split),
+                          num_threads);
 }
 
 template <typename T, typename C>
@@ -173,6 +242,7 @@ int kvserve_paged_decode(int dtype, int cache_dtype, const void* q, int64_t q_st
                          int num_kv_heads, int head_dim, int block_size, float scale,
                          int window, int num_threads) {
     if (num_heads > kMaxHeads || num_kv_heads < 1 || num_heads % num_kv_heads) return -1;
+    if (num_heads / num_kv_heads > kMaxHeads) return -1;
     const Args a{q, k_cache, v_cache, block_tables, context_lens, out, q_stride, table_stride,
                  num_seqs, num_heads, num_kv_heads, block_size, scale, window};
     if (dtype == 0) return dispatch_cache<float>(a, cache_dtype, head_dim, num_threads);
