@@ -72,7 +72,7 @@ def speed(llm, prompts: list[list[int]], params) -> dict:
     """Output tokens per second once every request has its first token (the decode phase),
     and over the whole run."""
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=True)  # a progress bar: this part is long
     total = time.perf_counter() - start
     first = max(o.metrics.first_token_time for o in outs)
     last = max(o.metrics.finish_time for o in outs)
@@ -101,7 +101,9 @@ def run(args: argparse.Namespace) -> dict:
         llm = LLM(checkpoint, config=dataclasses.replace(config, kv_cache_dtype=kv_dtype,
                                                          num_exact_repeats=0))
         with console.status(f"capacity, {kv_dtype} KV..."):
-            result["capacity"][kv_dtype] = capacity(llm, prefixes, one)
+            c = result["capacity"][kv_dtype] = capacity(llm, prefixes, one)
+        console.print(f"capacity, {kv_dtype} KV: {c['pool_tokens']:,} tokens, "
+                      f"{c['prefixes_kept']} of {args.prefixes} prefixes kept")
         del llm
     prompts = random_prompts(args.speed_requests, args.speed_context, vocab, args.seed + 1)
     params = SamplingParams(max_tokens=args.speed_tokens, temperature=0, ignore_eos=True)
@@ -109,8 +111,11 @@ def run(args: argparse.Namespace) -> dict:
         llm = LLM(checkpoint, config=dataclasses.replace(
             config, kv_cache_dtype=kv_dtype, kv_cache_memory=parse_size(args.speed_kv_memory)))
         llm.generate([prompts[0][:8]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm up
-        with console.status(f"speed, {kv_dtype} KV..."):
-            result["speed"][kv_dtype] = speed(llm, prompts, params)
+        console.print(f"speed, {kv_dtype} KV: {len(prompts)} requests of "
+                      f"{args.speed_context} prompt tokens...")
+        s = result["speed"][kv_dtype] = speed(llm, prompts, params)
+        console.print(f"  decode {s['decode_tok_s']:.1f} tok/s, whole run "
+                      f"{s['output_tok_s']:.1f} tok/s in {s['total_s']:.0f} s")
         del llm
     print_tables(result, args)
     for s in result["speed"].values():
