@@ -9,6 +9,7 @@ change), and sampling is guarded per request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ from kvserve.runner.sampler import (
     apply_penalties,
     apply_token_bitmask,
     make_generator,
+    one_thread,
     sample_row,
     top_logprobs,
 )
@@ -183,6 +185,13 @@ class ModelRunner:
 
     def _sample(self, by_id: dict[str, ScheduledRequest], ids: list[str], logits: torch.Tensor,
                 bitmasks: dict[str, Any], result: RunnerOutput) -> None:
+        cpu = logits.device.type == "cpu"
+        with one_thread() if cpu else contextlib.nullcontext():
+            self._sample_rows(by_id, ids, logits, bitmasks, result)
+
+    def _sample_rows(self, by_id: dict[str, ScheduledRequest], ids: list[str],
+                     logits: torch.Tensor, bitmasks: dict[str, Any],
+                     result: RunnerOutput) -> None:
         processed = self._processed(by_id, ids, logits, bitmasks, result)
         tokens = processed.argmax(dim=-1).tolist()
         for i, request_id in enumerate(ids):

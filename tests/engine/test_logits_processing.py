@@ -4,7 +4,13 @@ the grammar bitmask against a plain loop: no model, milliseconds."""
 import pytest
 import torch
 
-from kvserve.runner.sampler import apply_penalties, apply_token_bitmask
+from kvserve.runner.sampler import (
+    apply_penalties,
+    apply_token_bitmask,
+    make_generator,
+    one_thread,
+    sample_row,
+)
 from kvserve.sampling_params import SamplingParams
 
 transformers = pytest.importorskip("transformers")
@@ -97,3 +103,23 @@ def test_token_bitmask_keeps_exactly_the_allowed_tokens_of_each_row():
     whole = logits[1:].clone()  # every row masked: one operation for the batch
     apply_token_bitmask(whole, bitmask.flip(0), [0, 1])
     assert torch.equal(whole[1], masked[2])
+
+
+def test_sample_row_draws_each_token_at_its_probability():
+    """One uniform draw per token through the cumulative distribution: frequencies follow
+    the probabilities, a token of probability 0 (here cut by top_k) is never drawn, a seed
+    repeats its tokens, and sampling leaves torch's thread count as it found it."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.clamp(min=1e-30).log()
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_k=4)
+    g = make_generator(7, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    with one_thread():
+        assert torch.get_num_threads() == 1
+        draws = [sample_row(logits, params, g) for _ in range(20_000)]
+    assert torch.get_num_threads() == threads
+    counts = torch.bincount(torch.tensor(draws), minlength=5).double() / len(draws)
+    assert counts[4] == 0
+    assert torch.allclose(counts, probs.double(), atol=0.012), counts
+    again = make_generator(7, torch.device("cpu"))
+    assert [sample_row(logits, params, again) for _ in range(50)] == draws[:50]
