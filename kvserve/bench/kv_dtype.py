@@ -27,6 +27,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache dtypes of the capacity part, comma-separated")
     p.add_argument("--prefixes", type=int, default=12, help="distinct prefixes (capacity)")
     p.add_argument("--prefix-len", type=int, default=512, help="tokens per prefix")
+    p.add_argument("--capacity-kv-memory", default="96MiB",
+                   help="--kv-cache-memory of the capacity part: small enough that the float "
+                        "caches cannot hold every prefix")
     p.add_argument("--speed-kv-dtypes", default="bfloat16,int8",
                    help="KV cache dtypes of the speed part ('' skips it)")
     p.add_argument("--speed-requests", type=int, default=16, help="concurrent requests (speed)")
@@ -92,14 +95,16 @@ def run(args: argparse.Namespace) -> dict:
     config = EngineConfig.from_cli(args)
     checkpoint = load_checkpoint(config.model)
     vocab = checkpoint.config.vocab_size
-    result: dict = {"env": environment(args), "kv_cache_memory": config.kv_cache_memory,
+    result: dict = {"env": environment(args),
+                    "kv_cache_memory": parse_size(args.capacity_kv_memory),
                     "prefix_len": args.prefix_len, "prefixes": args.prefixes,
                     "capacity": {}, "speed": {}}
     prefixes = random_prompts(args.prefixes, args.prefix_len, vocab, args.seed)
     one = SamplingParams(max_tokens=1, temperature=0)
     for kv_dtype in filter(None, args.kv_dtypes.split(",")):
-        llm = LLM(checkpoint, config=dataclasses.replace(config, kv_cache_dtype=kv_dtype,
-                                                         num_exact_repeats=0))
+        llm = LLM(checkpoint, config=dataclasses.replace(
+            config, kv_cache_dtype=kv_dtype, num_exact_repeats=0,
+            kv_cache_memory=parse_size(args.capacity_kv_memory)))
         with console.status(f"capacity, {kv_dtype} KV..."):
             c = result["capacity"][kv_dtype] = capacity(llm, prefixes, one)
         console.print(f"capacity, {kv_dtype} KV: {c['pool_tokens']:,} tokens, "
