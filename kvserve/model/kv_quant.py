@@ -10,7 +10,7 @@ others only a few levels. So a key row is rotated by a Hadamard transform before
 quantized (``rotate``: blocks of ``hadamard_size(head_dim)``, unnormalized), which spreads
 every channel over the whole row; attention rotates the query the same way and divides it by
 the block size, so ``q . k`` is unchanged. On the default model this cuts the KL divergence
-of next-token distributions from the float cache by about 4x (docs/BENCHMARKS.md).
+of next-token distributions from the float cache by 3.5x (docs/BENCHMARKS.md).
 
 The C++ write kernel (csrc/kv_int8.h) quantizes by the same rules, bit for bit: a row is
 quantized the same way however it was computed (prefill chunk or decode, fused kernel or
