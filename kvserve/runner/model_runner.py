@@ -9,7 +9,6 @@ change), and sampling is guarded per request.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
@@ -185,8 +184,7 @@ class ModelRunner:
 
     def _sample(self, by_id: dict[str, ScheduledRequest], ids: list[str], logits: torch.Tensor,
                 bitmasks: dict[str, Any], result: RunnerOutput) -> None:
-        cpu = logits.device.type == "cpu"
-        with one_thread() if cpu else contextlib.nullcontext():
+        with one_thread():  # CPU threads only: on a GPU the ops below do not use them
             self._sample_rows(by_id, ids, logits, bitmasks, result)
 
     def _sample_rows(self, by_id: dict[str, ScheduledRequest], ids: list[str],

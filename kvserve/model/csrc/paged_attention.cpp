@@ -128,20 +128,27 @@ void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
             for (int i = 0; i < D; ++i) f[i] = to_float(qh[i]) * a.scale;
         }
     }
+    // body(r, t, values, scale) for each cache row of `cache` at position lo + t, in position
+    // order, and each (query, head) row r that attends to it; the row is loaded once for all.
     alignas(64) float buf[D];
-    for (int64_t pos = lo; pos < hi; ++pos) {  // scores q.k
-        const C* k = static_cast<const C*>(a.k_cache) + (table[pos / bs] * bs + pos % bs) * stride;
-        for (int kv = kv0; kv < kv1; ++kv) {
-            const float ks = row_scale(k + kv * R, D);
-            const float* kf = load_row<C, D>(k + kv * R, buf);
-            for (int j = 0; j < nq; ++j) {
-                if (pos < first[j] || pos >= end[j]) continue;
-                const int r0 = j * per_query + (kv - kv0) * group;
-                for (int r = r0; r < r0 + group; ++r)
-                    s[r * len + (pos - lo)] = dot<D>(qf + r * D, kf) * ks;
+    auto each_row = [&](const void* cache, auto&& body) {
+        for (int64_t pos = lo; pos < hi; ++pos) {
+            const C* slot =
+                static_cast<const C*>(cache) + (table[pos / bs] * bs + pos % bs) * stride;
+            for (int kv = kv0; kv < kv1; ++kv) {
+                const float scale = row_scale(slot + kv * R, D);
+                const float* values = load_row<C, D>(slot + kv * R, buf);
+                for (int j = 0; j < nq; ++j) {
+                    if (pos < first[j] || pos >= end[j]) continue;
+                    const int r0 = j * per_query + (kv - kv0) * group;
+                    for (int r = r0; r < r0 + group; ++r) body(r, pos - lo, values, scale);
+                }
             }
         }
-    }
+    };
+    each_row(a.k_cache, [&](int r, int64_t t, const float* k, float ks) {  // scores q.k
+        s[r * len + t] = dot<D>(qf + r * D, k) * ks;
+    });
     float inv_sum[kTile * kMaxHeads];
     for (int r = 0; r < nrows; ++r) {  // softmax over each query's positions
         const int j = r / per_query;
@@ -157,23 +164,12 @@ void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
         }
         inv_sum[r] = 1.f / sum;
     }
-    for (int64_t pos = lo; pos < hi; ++pos) {  // the weighted sum of values, in position order
-        const C* v = static_cast<const C*>(a.v_cache) + (table[pos / bs] * bs + pos % bs) * stride;
-        for (int kv = kv0; kv < kv1; ++kv) {
-            const float vs = row_scale(v + kv * R, D);
-            const float* vf = load_row<C, D>(v + kv * R, buf);
-            for (int j = 0; j < nq; ++j) {
-                if (pos < first[j] || pos >= end[j]) continue;
-                const int r0 = j * per_query + (kv - kv0) * group;
-                for (int r = r0; r < r0 + group; ++r) {
-                    const float p = s[r * len + (pos - lo)] * vs;
-                    float* ar = acc + r * D;
+    each_row(a.v_cache, [&](int r, int64_t t, const float* v, float vs) {  // weighted values
+        const float p = s[r * len + t] * vs;
+        float* ar = acc + r * D;
 #pragma omp simd
-                    for (int i = 0; i < D; ++i) ar[i] += p * vf[i];
-                }
-            }
-        }
-    }
+        for (int i = 0; i < D; ++i) ar[i] += p * v[i];
+    });
     for (int r = 0; r < nrows; ++r) {
         const int j = r / per_query, h = kv0 * group + r % per_query;
         T* oh = static_cast<T*>(a.out) + (int64_t(row0 + j) * a.num_heads + h) * D;
@@ -236,8 +232,8 @@ extern "C" {
 // dtype (of q and out): 0 = float32, 1 = bfloat16; cache_dtype: the same codes, or 2 = int8
 // rows (kv_int8.h). Returns 0, or -1 for a shape this kernel does not cover (the caller then
 // uses the PyTorch path).
-int kvserve_paged_decode(int dtype, int cache_dtype, const void* q, int64_t q_stride, const void* k_cache,
-                         const void* v_cache, const int64_t* block_tables, int64_t table_stride,
+int kvserve_paged_decode(int dtype, int cache_dtype, const void* q, int64_t q_stride,
+                         const void* k_cache, const void* v_cache, const int64_t* block_tables, int64_t table_stride,
                          const int64_t* context_lens, void* out, int num_seqs, int num_heads,
                          int num_kv_heads, int head_dim, int block_size, float scale,
                          int window, int num_threads) {
