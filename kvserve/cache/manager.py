@@ -19,64 +19,17 @@ blocks its layers will read. The host/disk/remote tiers are for one full-attenti
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 from kvserve.cache.block_pool import BlockPool
 from kvserve.cache.exact import ExactRepeatCache
 from kvserve.cache.hashing import hash_block, root_hash, salt_bytes
+from kvserve.cache.hit import CachedRequest, CacheHit, HitBlock
 from kvserve.cache.stats import CacheStats
 from kvserve.cache.tiers import TierStore
-from kvserve.cache.window import first_seen_block, longest_hit
+from kvserve.cache.window import first_seen_block, longest_hit, release_unseen
 
 NULL_BLOCK = -1  # a table entry its group will not read again (kvserve.step.NULL_BLOCK)
-
-
-class Params(Protocol):
-    use_kv_cache: bool
-    use_prefix_cache: bool
-    cache_salt: str | None
-
-
-class CachedRequest(Protocol):
-    params: Params
-    num_computed_tokens: int
-    block_table: list[int]
-    group_tables: list[list[int]]  # groups 1.. of a model with several KV cache groups
-    block_hashes: list[bytes]
-    num_committed_blocks: int
-    num_output_tokens: int
-
-    @property
-    def num_tokens(self) -> int: ...
-    def token_ids_slice(self, start: int, end: int) -> list[int]: ...
-
-
-class HitBlock(NamedTuple):
-    block_id: int | None  # a device block, or None: read from ``tier`` into a fresh block
-    block_hash: bytes
-    token_ids: tuple[int, ...]
-    tier: str  # "device", "host" or "disk"
-
-
-@dataclass
-class CacheHit:
-    """A found prefix: ``blocks[i]`` is block i of the request's chain."""
-
-    block_size: int
-    blocks: list[HitBlock] = field(default_factory=list)
-    logits: Any = None  # exact repeat: the kept last-position logits of this very prompt
-    loads: list[tuple[int, Any]] = field(default_factory=list)  # set by allocate_slots
-    tables: list[list[int]] | None = None  # several groups: each group's hit blocks
-    @property
-    def num_tokens(self) -> int:
-        return len(self.blocks) * self.block_size
-
-    def tokens_by_tier(self) -> dict[str, int]:
-        by_tier: dict[str, int] = {}
-        for block in self.blocks:
-            by_tier[block.tier] = by_tier.get(block.tier, 0) + self.block_size
-        return by_tier
 
 
 class KVCacheManager:
@@ -264,7 +217,9 @@ class KVCacheManager:
             assert hit is not None and hit.tables is not None
             tables, start = hit.tables, hit.num_tokens
         else:
-            self._trim(request)
+            for table, pool, window in zip(self._tables(request), self.pools, self.windows):
+                pool.release(release_unseen(table, request.num_computed_tokens, window,
+                                            self.block_size, NULL_BLOCK))
             tables, start = self._tables(request), request.num_computed_tokens
         num_needed = self.blocks_for(start + num_new)
         for table, pool in zip(tables, self.pools):
@@ -292,18 +247,6 @@ class KVCacheManager:
         if len(request.group_tables) != len(self.pools) - 1:
             request.group_tables = [[] for _ in self.pools[1:]]
         return [request.block_table, *request.group_tables]
-
-    def _trim(self, request: CachedRequest) -> None:
-        """Release, deepest first, the blocks no sliding window of the request sees now."""
-        n, bs = request.num_computed_tokens, self.block_size
-        for table, pool, window in zip(self._tables(request), self.pools, self.windows):
-            gone = []
-            for i in range(min(first_seen_block(n, window, bs), len(table)) - 1, -1, -1):
-                if table[i] == NULL_BLOCK:
-                    break  # released earlier, as is everything before it
-                gone.append(table[i])
-                table[i] = NULL_BLOCK
-            pool.release(gone)
 
     def bytes_held(self, request: CachedRequest, num_tokens: int) -> int:
         """Bytes of K/V the request's blocks hold for its first ``num_tokens`` positions: a
@@ -381,7 +324,9 @@ class KVCacheManager:
                     self.saves.append((block_id, hashes[i], tokens, False))
             request.num_committed_blocks = num_full
         if self.windowed:  # now cached, the blocks out of every window can go
-            self._trim(request)
+            for table, pool, window in zip(self._tables(request), self.pools, self.windows):
+                pool.release(release_unseen(table, request.num_computed_tokens, window,
+                                            self.block_size, NULL_BLOCK))
 
     def free(self, request: CachedRequest) -> None:
         # Tails first: the deepest block of a chain is evicted before its parents.

@@ -38,3 +38,17 @@ def longest_hit(present: Sequence[Sequence[bool]], windows: Sequence[int], block
                for g, w in enumerate(windows)):
             return k
     return 0
+
+
+def release_unseen(table: list[int], num_tokens: int, window: int, block_size: int,
+                   null: int) -> list[int]:
+    """Set to ``null``, deepest first, the entries of ``table`` that the query at position
+    ``num_tokens`` no longer sees, and return their blocks (to release to their pool).
+    Everything before an entry already ``null`` was released earlier."""
+    gone = []
+    for i in range(min(first_seen_block(num_tokens, window, block_size), len(table)) - 1, -1, -1):
+        if table[i] == null:
+            break
+        gone.append(table[i])
+        table[i] = null
+    return gone

@@ -20,7 +20,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvserve import faults
-from kvserve.cache.manager import CacheHit, KVCacheManager
+from kvserve.cache.hit import CacheHit
+from kvserve.cache.manager import KVCacheManager
 from kvserve.engine.request import Request, Status
 from kvserve.step import BlockLoad, BlockSave, RunnerOutput, ScheduledRequest, SchedulerOutput
 
