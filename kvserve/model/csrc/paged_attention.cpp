@@ -72,25 +72,62 @@ inline const float* load_row(const C* row, float* buf) {
     }
 }
 
+// Eight floats: the compiler maps it to one AVX2 register, half an AVX-512 one, or SSE pairs.
+typedef float v8 __attribute__((vector_size(32)));
+constexpr int kBlock = 8;  // positions whose K (or V) rows are loaded together: lanes of a v8
+
+inline v8 load8(const float* p) {
+    v8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+#if defined(__clang__)
+#define KV_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t v8i __attribute__((vector_size(32)));
+#define KV_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
+#endif
+
+// Sums of neighbouring lanes of a and b: [a01, a23, b01, b23, a45, a67, b45, b67].
+inline v8 add_pairs(v8 a, v8 b) {
+    return KV_SHUFFLE(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + KV_SHUFFLE(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+// The lane sums of x[0..7] as one vector (lane p: the sum of x[p]), in one fixed tree.
+inline v8 sum_lanes(const v8* x) {
+    const v8 g0 = add_pairs(add_pairs(x[0], x[1]), add_pairs(x[2], x[3]));
+    const v8 g1 = add_pairs(add_pairs(x[4], x[5]), add_pairs(x[6], x[7]));
+    return KV_SHUFFLE(g0, g1, 0, 1, 2, 3, 8, 9, 10, 11) +
+           KV_SHUFFLE(g0, g1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// q . k[p] in lane p, for the kBlock rows k[p]: per lane, D / 8 multiply-adds in channel
+// order, then sum_lanes.
 template <int D>
-inline float dot(const float* a, const float* b) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int i = 0; i < D; ++i) s += a[i] * b[i];
-    return s;
+inline v8 dots(const float* q, const float* const* k) {
+    v8 acc[kBlock] = {};
+#pragma GCC unroll 32
+    for (int c = 0; c < D; c += 8) {
+        const v8 qc = load8(q + c);
+#pragma GCC unroll 8
+        for (int p = 0; p < kBlock; ++p) acc[p] += qc * load8(k[p] + c);
+    }
+    return sum_lanes(acc);
 }
 
 // Scratch of one thread, reused from call to call.
 struct Scratch {
-    std::vector<float> q, scores, acc;
+    std::vector<float> q, scores, acc, rows;
 };
 
 // One task: the query heads of kv heads [kv0, kv1), for rows [row0, row0 + nq) that share
 // one block table and each attend causally up to its own context length (nq = 1: a decode).
-// Keys and values are loaded once per position for all the task's queries; every query's
-// arithmetic (the dot products, the softmax, the weighted sum in position order) is the same
-// whatever nq, its row, the heads alongside or the other rows, so a token is computed the
-// same alone, batched, or as part of a prefill chunk.
+// Positions are taken kBlock at a time, their K (then V) rows loaded once for all the task's
+// queries. Every query's arithmetic (each score, the softmax, the weighted sum in position
+// order) is the same whatever nq, its row, the heads alongside or the other rows, so a token
+// is computed the same alone, batched, or as part of a prefill chunk.
 // T: the query and output element; C: the cache element (T, another float type, or int8
 // rows whose scale is applied to each dot product and each weight of a V row).
 template <typename T, typename C, int D>
@@ -106,12 +143,14 @@ void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
         lo = first[j] < lo ? first[j] : lo;
         hi = end[j] > hi ? end[j] : hi;
     }
-    const int64_t len = hi - lo;  // positions lo .. hi - 1; blocks before lo: not read
+    // positions lo .. hi - 1 (blocks before lo are not read); score rows kBlock-aligned
+    const int64_t len = (hi - lo + kBlock - 1) / kBlock * kBlock;
     const int per_query = nkv * group;  // rows r = j * per_query + (kv - kv0) * group + g
     const int nrows = nq * per_query;
     sc.q.resize(size_t(nrows) * D);
     sc.scores.resize(size_t(nrows) * len);
     sc.acc.assign(size_t(nrows) * D, 0.f);
+    sc.rows.resize(size_t(kBlock) * D);
     float* qf = sc.q.data();
     float* s = sc.scores.data();
     float* acc = sc.acc.data();
@@ -128,26 +167,46 @@ void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
             for (int i = 0; i < D; ++i) f[i] = to_float(qh[i]) * a.scale;
         }
     }
-    // body(r, t, values, scale) for each cache row of `cache` at position lo + t, in position
-    // order, and each (query, head) row r that attends to it; the row is loaded once for all.
-    alignas(64) float buf[D];
-    auto each_row = [&](const void* cache, auto&& body) {
-        for (int64_t pos = lo; pos < hi; ++pos) {
-            const C* slot =
-                static_cast<const C*>(cache) + (table[pos / bs] * bs + pos % bs) * stride;
+    // body(r, t0, rows, scales, tb, te) for each block of kBlock positions lo + t0 + p of
+    // `cache`, each kv head, and each (query, head) row r that attends to positions lo + [tb,
+    // te) of the block; rows[p] is the float row of lo + t0 + p and scales[p] its scale (zeros
+    // and 0 past hi). A block's rows are loaded once for all.
+    alignas(64) static const float zeros[D] = {};
+    auto each_block = [&](const void* cache, auto&& body) {
+        for (int64_t t0 = 0; t0 < hi - lo; t0 += kBlock) {
+            const int n = hi - lo - t0 < kBlock ? int(hi - lo - t0) : kBlock;
+            const C* slots[kBlock];
+            for (int p = 0; p < n; ++p) {
+                const int64_t pos = lo + t0 + p;
+                slots[p] = static_cast<const C*>(cache) + (table[pos / bs] * bs + pos % bs) * stride;
+            }
+            for (int64_t pos = lo + t0 + kBlock; pos < lo + t0 + 2 * kBlock && pos < hi; ++pos) {
+                const char* next = reinterpret_cast<const char*>(  // the next block's rows
+                    static_cast<const C*>(cache) + (table[pos / bs] * bs + pos % bs) * stride);
+                for (int64_t b = kv0 * R * sizeof(C); b < kv1 * R * sizeof(C); b += 64)
+                    __builtin_prefetch(next + b);
+            }
             for (int kv = kv0; kv < kv1; ++kv) {
-                const float scale = row_scale(slot + kv * R, D);
-                const float* values = load_row<C, D>(slot + kv * R, buf);
+                const float* rows[kBlock];
+                alignas(32) float scales[kBlock];
+                for (int p = 0; p < kBlock; ++p) {
+                    rows[p] = p < n ? load_row<C, D>(slots[p] + kv * R, sc.rows.data() + p * D)
+                                    : zeros;
+                    scales[p] = p < n ? row_scale(slots[p] + kv * R, D) : 0.f;
+                }
                 for (int j = 0; j < nq; ++j) {
-                    if (pos < first[j] || pos >= end[j]) continue;
+                    const int64_t tb = first[j] - lo > t0 ? first[j] - lo : t0;
+                    const int64_t te = end[j] - lo < t0 + n ? end[j] - lo : t0 + n;
+                    if (tb >= te) continue;
                     const int r0 = j * per_query + (kv - kv0) * group;
-                    for (int r = r0; r < r0 + group; ++r) body(r, pos - lo, values, scale);
+                    for (int r = r0; r < r0 + group; ++r) body(r, t0, rows, scales, tb, te);
                 }
             }
         }
     };
-    each_row(a.k_cache, [&](int r, int64_t t, const float* k, float ks) {  // scores q.k
-        s[r * len + t] = dot<D>(qf + r * D, k) * ks;
+    each_block(a.k_cache, [&](int r, int64_t t0, const float* const* k, const float* ks,
+                              int64_t, int64_t) {  // a block of scores q.k
+        store8(s + r * len + t0, dots<D>(qf + r * D, k) * load8(ks));
     });
     float inv_sum[kTile * kMaxHeads];
     for (int r = 0; r < nrows; ++r) {  // softmax over each query's positions
@@ -164,11 +223,23 @@ void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
         }
         inv_sum[r] = 1.f / sum;
     }
-    each_row(a.v_cache, [&](int r, int64_t t, const float* v, float vs) {  // weighted values
-        const float p = s[r * len + t] * vs;
+    each_block(a.v_cache, [&](int r, int64_t t0, const float* const* v, const float* vs,
+                              int64_t tb, int64_t te) {  // weighted values, in position order
+        const float* sr = s + r * len;
         float* ar = acc + r * D;
-#pragma omp simd
-        for (int i = 0; i < D; ++i) ar[i] += p * v[i];
+        for (int c0 = 0; c0 < D; c0 += 64) {  // 64 channels kept in registers over the block
+            v8 o[8];
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; ++c) o[c] = load8(ar + c0 + 8 * c);
+            for (int64_t t = tb; t < te; ++t) {
+                const float p = sr[t] * vs[t - t0];
+                const float* vt = v[t - t0] + c0;
+#pragma GCC unroll 8
+                for (int c = 0; c < 8; ++c) o[c] += p * load8(vt + 8 * c);
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; ++c) store8(ar + c0 + 8 * c, o[c]);
+        }
     });
     for (int r = 0; r < nrows; ++r) {
         const int j = r / per_query, h = kv0 * group + r % per_query;
@@ -199,7 +270,8 @@ template <typename T, typename C, int D>
 void run(const Args& a, int num_threads) {
     const int tile = a.table_stride == 0 ? kTile : 1;
     const int64_t tiles = (a.num_rows + tile - 1) / tile;
-    const int split = tiles < num_threads ? 1 : a.num_kv_heads;
+    // prefill tiles share nothing across kv heads: a task each keeps the scores small
+    const int split = tiles < num_threads || tile > 1 ? 1 : a.num_kv_heads;
     Job<T, C, D> job{a, tile, split};
     kvserve::parallel_for(&Job<T, C, D>::task, &job, tiles * (a.num_kv_heads / split),
                           num_threads);
