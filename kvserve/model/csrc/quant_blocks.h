@@ -61,14 +61,22 @@ inline void nibbles(const uint8_t* p, __m256i& low, __m256i& high) {
     high = _mm256_srli_epi16(v, 4);
 }
 
-inline __m128 halves(uint16_t a, uint16_t b, uint16_t c, uint16_t d) {
-    return _mm_cvtph_ps(_mm_setr_epi16(short(a), short(b), short(c), short(d), 0, 0, 0, 0));
-}
-
 inline uint16_t u16(const uint8_t* p) {
     uint16_t v;
     std::memcpy(&v, p, 2);
     return v;
+}
+
+inline uint32_t u32(const uint8_t* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+// Four halves as floats: lo's two (lanes 0, 1) and hi's two (lanes 2, 3), each pair one
+// 32-bit word as a block stores it, so the four take two loads and no inserts.
+inline __m128 halves(uint32_t lo, uint32_t hi) {
+    return _mm_cvtph_ps(_mm_cvtsi64_si128(int64_t(uint64_t(hi) << 32 | lo)));
 }
 
 inline void zero_second(Pair& w) { w.w[2] = w.w[3] = _mm256_setzero_si256(); }
@@ -81,7 +89,7 @@ template <> inline void decode_pair<Q4_0>(const uint8_t* row, int64_t b, bool al
     nibbles(p + 2, w.w[0], w.w[1]);
     if (alone) zero_second(w);
     else nibbles(p + 20, w.w[2], w.w[3]);
-    const __m128 d = halves(u16(p), 0, alone ? 0 : u16(p + 18), 0);
+    const __m128 d = halves(u16(p), alone ? 0 : u16(p + 18));
     w.coef = _mm_mul_ps(_mm_movelh_ps(_mm_unpacklo_ps(d, d), _mm_unpackhi_ps(d, d)),
                         _mm_setr_ps(1.0f, -8.0f, 1.0f, -8.0f));
 }
@@ -91,7 +99,7 @@ template <> inline void decode_pair<Q4_1>(const uint8_t* row, int64_t b, bool al
     nibbles(p + 4, w.w[0], w.w[1]);
     if (alone) zero_second(w);
     else nibbles(p + 24, w.w[2], w.w[3]);
-    w.coef = halves(u16(p), u16(p + 2), alone ? 0 : u16(p + 20), alone ? 0 : u16(p + 22));
+    w.coef = halves(u32(p), alone ? 0 : u32(p + 20));
 }
 
 inline __m256i fifth_bits(uint32_t bits) {  // bit i of 16 bits -> 16 in lane i, else 0
@@ -112,7 +120,7 @@ template <> inline void decode_pair<Q5_0>(const uint8_t* row, int64_t b, bool al
         w.w[2 * i + 1] = _mm256_or_si256(w.w[2 * i + 1], fifth_bits(high >> 16));
     }
     if (alone) zero_second(w);
-    const __m128 d = halves(u16(p), 0, alone ? 0 : u16(p + 22), 0);
+    const __m128 d = halves(u16(p), alone ? 0 : u16(p + 22));
     w.coef = _mm_mul_ps(_mm_movelh_ps(_mm_unpacklo_ps(d, d), _mm_unpackhi_ps(d, d)),
                         _mm_setr_ps(1.0f, -16.0f, 1.0f, -16.0f));
 }
@@ -127,7 +135,7 @@ template <> inline void decode_pair<Q8_0>(const uint8_t* row, int64_t b, bool al
         w.w[2] = widen_signed(p + 36);
         w.w[3] = widen_signed(p + 52);
     }
-    w.coef = halves(u16(p), 0, alone ? 0 : u16(p + 34), 0);
+    w.coef = halves(u16(p), alone ? 0 : u16(p + 34));
 }
 
 inline void q4k_scale_min(const uint8_t* s, int j, int& sc, int& m) {
