@@ -8,6 +8,7 @@
 // computed the same alone, batched, or in a prefill chunk. Built and loaded by
 // kvserve/model/cpu_kernels.py, run on its persistent thread pool (thread_pool.h).
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -173,16 +174,28 @@ void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
     // and 0 past hi). A block's rows are loaded once for all.
     alignas(64) static const float zeros[D] = {};
     auto each_block = [&](const void* cache, auto&& body) {
-        for (int64_t t0 = 0; t0 < hi - lo; t0 += kBlock) {
-            const int n = hi - lo - t0 < kBlock ? int(hi - lo - t0) : kBlock;
-            const C* slots[kBlock];
-            for (int p = 0; p < n; ++p) {
-                const int64_t pos = lo + t0 + p;
-                slots[p] = static_cast<const C*>(cache) + (table[pos / bs] * bs + pos % bs) * stride;
+        // Slots are found by walking the table position by position (no division each), a
+        // block ahead, so that the next block's rows can be prefetched.
+        const C* const base = static_cast<const C*>(cache);
+        int64_t blk = lo / bs, off = lo % bs;  // of the next position to look up
+        auto look_up = [&](const C** out, int count) {
+            for (int p = 0; p < count; ++p) {
+                out[p] = base + (table[blk] * bs + off) * stride;
+                if (++off == bs) off = 0, ++blk;
             }
-            for (int64_t pos = lo + t0 + kBlock; pos < lo + t0 + 2 * kBlock && pos < hi; ++pos) {
-                const char* next = reinterpret_cast<const char*>(  // the next block's rows
-                    static_cast<const C*>(cache) + (table[pos / bs] * bs + pos % bs) * stride);
+        };
+        const C* slots[kBlock];
+        const C* ahead[kBlock];
+        int num_ahead = hi - lo < kBlock ? int(hi - lo) : kBlock;
+        look_up(ahead, num_ahead);
+        for (int64_t t0 = 0; t0 < hi - lo; t0 += kBlock) {
+            const int n = num_ahead;
+            std::copy(ahead, ahead + n, slots);
+            const int64_t left = hi - lo - t0 - kBlock;
+            num_ahead = left <= 0 ? 0 : left < kBlock ? int(left) : kBlock;
+            look_up(ahead, num_ahead);
+            for (int p = 0; p < num_ahead; ++p) {
+                const char* next = reinterpret_cast<const char*>(ahead[p]);
                 for (int64_t b = kv0 * R * sizeof(C); b < kv1 * R * sizeof(C); b += 64)
                     __builtin_prefetch(next + b);
             }
