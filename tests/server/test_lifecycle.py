@@ -99,7 +99,9 @@ def test_sigterm_drains_flushes_the_disk_tier_and_exits_0(tmp_path):
     folder = tmp_path / "kv"
     prompts = [f"Prompt number {i}: " + "the quick brown fox jumps over a lazy dog. " * 4
                for i in range(8)]
-    proc, url = start_serve("--kv-disk-cache", str(folder), "--shutdown-timeout", "3")
+    # A grace period of 1 s: the 4-token answer ends within it, the 170-token one cannot
+    # (it would need under 6 ms per token on this 2-core machine; a token takes about 15).
+    proc, url = start_serve("--kv-disk-cache", str(folder), "--shutdown-timeout", "1")
     try:
         for prompt in prompts:
             assert completion(url, prompt).status_code == 200
