@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> dict:
     config = EngineConfig.from_cli(args)
     checkpoint = load_checkpoint(config.model)
     vocab = checkpoint.config.vocab_size
-    result: dict = {"env": environment(args),
-                    "kv_cache_memory": parse_size(args.capacity_kv_memory),
+    capacity_memory = parse_size(args.capacity_kv_memory)
+    result: dict = {"env": environment(args), "kv_cache_memory": capacity_memory,
                     "prefix_len": args.prefix_len, "prefixes": args.prefixes,
                     "capacity": {}, "speed": {}}
     prefixes = random_prompts(args.prefixes, args.prefix_len, vocab, args.seed)
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
     for kv_dtype in filter(None, args.kv_dtypes.split(",")):
         llm = LLM(checkpoint, config=dataclasses.replace(
             config, kv_cache_dtype=kv_dtype, num_exact_repeats=0,
-            kv_cache_memory=parse_size(args.capacity_kv_memory)))
+            kv_cache_memory=capacity_memory))
         with console.status(f"capacity, {kv_dtype} KV..."):
             c = result["capacity"][kv_dtype] = capacity(llm, prefixes, one)
         console.print(f"capacity, {kv_dtype} KV: {c['pool_tokens']:,} tokens, "

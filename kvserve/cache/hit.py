@@ -42,6 +42,7 @@ class CacheHit:
     logits: Any = None  # exact repeat: the kept last-position logits of this very prompt
     loads: list[tuple[int, Any]] = field(default_factory=list)  # set by allocate_slots
     tables: list[list[int]] | None = None  # several groups: each group's hit blocks
+
     @property
     def num_tokens(self) -> int:
         return len(self.blocks) * self.block_size

@@ -217,9 +217,7 @@ class KVCacheManager:
             assert hit is not None and hit.tables is not None
             tables, start = hit.tables, hit.num_tokens
         else:
-            for table, pool, window in zip(self._tables(request), self.pools, self.windows):
-                pool.release(release_unseen(table, request.num_computed_tokens, window,
-                                            self.block_size, NULL_BLOCK))
+            self._release_unseen(request)
             tables, start = self._tables(request), request.num_computed_tokens
         num_needed = self.blocks_for(start + num_new)
         for table, pool in zip(tables, self.pools):
@@ -247,6 +245,12 @@ class KVCacheManager:
         if len(request.group_tables) != len(self.pools) - 1:
             request.group_tables = [[] for _ in self.pools[1:]]
         return [request.block_table, *request.group_tables]
+
+    def _release_unseen(self, request: CachedRequest) -> None:
+        """Release the blocks no sliding window of the request sees now (window.py)."""
+        for table, pool, window in zip(self._tables(request), self.pools, self.windows):
+            pool.release(release_unseen(table, request.num_computed_tokens, window,
+                                        self.block_size, NULL_BLOCK))
 
     def bytes_held(self, request: CachedRequest, num_tokens: int) -> int:
         """Bytes of K/V the request's blocks hold for its first ``num_tokens`` positions: a
@@ -324,9 +328,7 @@ class KVCacheManager:
                     self.saves.append((block_id, hashes[i], tokens, False))
             request.num_committed_blocks = num_full
         if self.windowed:  # now cached, the blocks out of every window can go
-            for table, pool, window in zip(self._tables(request), self.pools, self.windows):
-                pool.release(release_unseen(table, request.num_computed_tokens, window,
-                                            self.block_size, NULL_BLOCK))
+            self._release_unseen(request)
 
     def free(self, request: CachedRequest) -> None:
         # Tails first: the deepest block of a chain is evicted before its parents.

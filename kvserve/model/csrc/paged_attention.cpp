@@ -93,7 +93,8 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 
 // Sums of neighbouring lanes of a and b: [a01, a23, b01, b23, a45, a67, b45, b67].
 inline v8 add_pairs(v8 a, v8 b) {
-    return KV_SHUFFLE(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + KV_SHUFFLE(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+    return KV_SHUFFLE(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+           KV_SHUFFLE(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
 
 // The lane sums of x[0..7] as one vector (lane p: the sum of x[p]), in one fixed tree.
@@ -184,15 +185,16 @@ void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
                 if (++off == bs) off = 0, ++blk;
             }
         };
+        auto count = [&](int64_t t0) {  // positions of the block from lo + t0
+            return int(std::clamp<int64_t>(hi - lo - t0, 0, kBlock));
+        };
         const C* slots[kBlock];
         const C* ahead[kBlock];
-        int num_ahead = hi - lo < kBlock ? int(hi - lo) : kBlock;
-        look_up(ahead, num_ahead);
+        look_up(ahead, count(0));
         for (int64_t t0 = 0; t0 < hi - lo; t0 += kBlock) {
-            const int n = num_ahead;
+            const int n = count(t0);
             std::copy(ahead, ahead + n, slots);
-            const int64_t left = hi - lo - t0 - kBlock;
-            num_ahead = left <= 0 ? 0 : left < kBlock ? int(left) : kBlock;
+            const int num_ahead = count(t0 + kBlock);
             look_up(ahead, num_ahead);
             for (int p = 0; p < num_ahead; ++p) {
                 const char* next = reinterpret_cast<const char*>(ahead[p]);
@@ -318,10 +320,10 @@ extern "C" {
 // rows (kv_int8.h). Returns 0, or -1 for a shape this kernel does not cover (the caller then
 // uses the PyTorch path).
 int kvserve_paged_decode(int dtype, int cache_dtype, const void* q, int64_t q_stride,
-                         const void* k_cache, const void* v_cache, const int64_t* block_tables, int64_t table_stride,
-                         const int64_t* context_lens, void* out, int num_seqs, int num_heads,
-                         int num_kv_heads, int head_dim, int block_size, float scale,
-                         int window, int num_threads) {
+                         const void* k_cache, const void* v_cache, const int64_t* block_tables,
+                         int64_t table_stride, const int64_t* context_lens, void* out,
+                         int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                         int block_size, float scale, int window, int num_threads) {
     if (num_heads > kMaxHeads || num_kv_heads < 1 || num_heads % num_kv_heads) return -1;
     if (num_heads / num_kv_heads > kMaxHeads) return -1;
     const Args a{q, k_cache, v_cache, block_tables, context_lens, out, q_stride, table_stride,
