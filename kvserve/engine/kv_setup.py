@@ -22,7 +22,7 @@ def kv_format(config: EngineConfig, model: ModelConfig) -> str:
     kv = config.kv_dtype
     shape = (model.num_layers, 2, config.block_size, model.num_kv_heads,
              model.kv_row_width(kv))
-    name = "int8+f32-absmax-scale-per-token-head+hadamard-k" if kv == "int8" else kv
+    name = "int8+bf16-absmax-scale-per-16+hadamard-k" if kv == "int8" else kv
     if kv != config.dtype:
         name += f"@{config.dtype}"
     return f"{name};v{KV_LAYOUT_VERSION};{'x'.join(map(str, shape))}"

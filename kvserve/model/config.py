@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
-KV_SCALE_BYTES = 4  # an int8 KV row's float32 scale (kv_quant.py)
+KV_GROUP = 16  # values of an int8 KV row that share one bfloat16 scale (kv_quant.py)
+
+
+def int8_row_width(head_dim: int) -> int:
+    """Bytes of one int8 KV row: head_dim values, then a 2-byte scale per KV_GROUP of them."""
+    return head_dim + 2 * (head_dim // KV_GROUP)
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,8 @@ class ModelConfig:
         return sorted(groups.items(), key=lambda g: (g[0] != 0, g[0]))
 
     def kv_row_width(self, kv_dtype: str) -> int:
-        """Elements of one token's K (or V) row of one kv head: int8 adds its scale's bytes."""
-        return self.head_dim + (KV_SCALE_BYTES if kv_dtype == "int8" else 0)
+        """Elements of one token's K (or V) row of one kv head: int8 adds its scales' bytes."""
+        return int8_row_width(self.head_dim) if kv_dtype == "int8" else self.head_dim
 
     def kv_bytes_per_token(self, kv_dtype: str) -> int:
         """Bytes of K and V one token occupies across all layers (with full attention)."""

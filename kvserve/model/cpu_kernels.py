@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kvserve.model.config import KV_SCALE_BYTES
+from kvserve.model.config import int8_row_width
 
 log = logging.getLogger("kvserve")
 
@@ -146,7 +146,7 @@ class RopeCacheKernel:
 
 
 def row_width(head_dim: int, cache_dtype: torch.dtype) -> int:
-    return head_dim + (KV_SCALE_BYTES if cache_dtype == torch.int8 else 0)
+    return int8_row_width(head_dim) if cache_dtype == torch.int8 else head_dim
 
 
 @functools.cache

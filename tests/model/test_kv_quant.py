@@ -19,18 +19,37 @@ LENS = [1, 5, 16, 17, 40, 100, 33]
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
-def test_int8_rows_hold_values_and_scale():
+def group_scales(rows: torch.Tensor, head_dim: int = 64) -> torch.Tensor:
+    """The bfloat16 scales of int8 rows, one per 16 values, as float64 [..., groups, 1]."""
+    return rows[..., head_dim:].contiguous().view(torch.bfloat16).double().unsqueeze(-1)
+
+
+def assert_scales_fit(scale: torch.Tensor, x: torch.Tensor) -> None:
+    """Each group's scale is absmax / 127 rounded up to the next bfloat16 (or equal)."""
+    amax = x.double().unflatten(-1, (-1, 16)).abs().amax(-1, keepdim=True) / 127
+    assert torch.equal(scale, scale.bfloat16().double())
+    assert (scale >= amax).all() and (scale <= amax * (1 + 2**-7)).all()
+
+
+def test_int8_rows_hold_values_and_group_scales():
+    """A row is 64 int8 values and a bfloat16 scale per 16 of them (72 bytes); each value is
+    within half its group's step, and a group's largest value takes (almost) all 127 levels."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 3, 64, generator=g) * torch.rand(7, 3, 1, generator=g) * 10
+    x[..., 16:32] *= 50  # one loud group: the others keep their own step
     x[2, 1] = 0  # an all-zero row: scale 0, values 0
     rows = to_cache(x, torch.int8)
-    assert rows.shape == (7, 3, 68) and rows.dtype == torch.int8
-    scale = rows[..., 64:].contiguous().view(torch.float32)
-    assert torch.equal(scale, x.abs().amax(-1, keepdim=True) / 127)
-    assert rows[..., :64].abs().max() == 127
+    assert rows.shape == (7, 3, 72) and rows.dtype == torch.int8
+    scale = group_scales(rows)
+    assert_scales_fit(scale, x)
+    values = rows[..., :64].unflatten(-1, (4, 16))
+    assert values.abs().max() == 127 and (values.abs().amax(-1)[scale[..., 0] > 0] >= 126).all()
     back = from_cache(rows, torch.float64)
     assert back.dtype == torch.float64 and back.shape == x.shape
-    assert ((back - x).abs() <= scale / 2 * (1 + 1e-6)).all()  # within half a step
+    step = scale.expand(-1, -1, -1, 16).flatten(-2)
+    assert ((back - x).abs() <= step / 2 * (1 + 1e-6)).all()  # within half a step
+    quiet = (back - x)[..., :16].abs().max()
+    assert quiet * 20 < (back - x)[..., 16:32].abs().max()  # not the loud group's step
     assert not back[2, 1].any()
     assert torch.equal(from_cache(to_cache(x, torch.bfloat16), torch.float32),
                        x.bfloat16().float())
@@ -51,9 +70,7 @@ def test_key_rows_are_rotated_before_quantizing():
     err = {key: (from_cache(to_cache(x, torch.int8, key=key), torch.float64, key=key)
                  - x.double()).pow(2).mean().item() for key in (False, True)}
     assert err[True] * 4 < err[False], err
-    rows = to_cache(x, torch.int8, key=True)
-    scale = rows[..., 64:].contiguous().view(torch.float32)
-    assert torch.equal(scale, rotate(x).abs().amax(-1, keepdim=True) / 127)
+    assert_scales_fit(group_scales(to_cache(x, torch.int8, key=True)), rotate(x))
 
 
 def make_case(q_dtype, cache_dtype, num_heads, num_kv_heads, head_dim, lens, seed=0):

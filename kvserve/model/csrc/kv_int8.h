@@ -1,5 +1,7 @@
 // The int8 KV cache row: one token's K (or V) of one kv head is head_dim int8 values followed
-// by their float32 scale (4 bytes), absmax / 127, symmetric. A key row is first rotated by a
+// by one bfloat16 scale per group of kGroup values (absmax / 127 of the group rounded up to a
+// bfloat16, symmetric). A value reads back as float(q) * scale, exact in float32 (8-bit times
+// 8-bit significands). A key row is first rotated by a
 // Hadamard transform (unnormalized, in blocks of hadamard_size(head_dim)), which spreads the
 // few large channels of keys over the whole row before one scale is chosen for it; a query
 // is rotated the same way and divided by the block size, so q.k is unchanged. kv_quant.py has
@@ -14,23 +16,30 @@
 
 namespace kvserve {
 
-constexpr int kScaleBytes = 4;
+constexpr int kGroup = 16;  // values per scale (config.py: KV_GROUP)
 
 inline float to_float(int8_t x) { return float(x); }
 
 // Elements of one cache row of one kv head: head_dim values, and for int8 the scale bytes.
 template <typename C>
-constexpr int row_width(int d) { return std::is_same_v<C, int8_t> ? d + kScaleBytes : d; }
+constexpr int row_width(int d) { return std::is_same_v<C, int8_t> ? d + 2 * (d / kGroup) : d; }
 
-template <typename C>
-inline float row_scale(const C* row, int d) {
-    if constexpr (std::is_same_v<C, int8_t>) {
-        float s;
-        std::memcpy(&s, row + d, sizeof s);
-        return s;
-    } else {
-        return 1.f;
-    }
+// The scale of group g of an int8 row of d values.
+inline float group_scale(const int8_t* row, int d, int g) {
+    uint16_t s;
+    std::memcpy(&s, row + d + 2 * g, sizeof s);
+    return to_float(s);
+}
+
+// absmax / 127 rounded up to a bfloat16 (its low 16 bits zero), so no value of a group clips.
+inline float scale_up(float amax) {
+    uint32_t bits;
+    float s = amax / 127.f;
+    std::memcpy(&bits, &s, sizeof bits);
+    if (bits & 0xFFFFu) bits += 0x10000u;
+    bits &= ~0xFFFFu;
+    std::memcpy(&s, &bits, sizeof s);
+    return s;
 }
 
 constexpr int kMaxHeadDim = 256;
@@ -63,19 +72,25 @@ inline void write_row(const T* x, C* out, int d) {
         float xf[kMaxHeadDim];
         for (int i = 0; i < d; ++i) xf[i] = to_float(x[i]);
         if constexpr (Key) hadamard(xf, d);
-        float amax = 0.f;
-        for (int i = 0; i < d; ++i) {
-            const float a = xf[i] < 0 ? -xf[i] : xf[i];
-            amax = a > amax ? a : amax;
+        for (int g = 0; g < d / kGroup; ++g) {
+            const float* xg = xf + g * kGroup;
+            float amax = 0.f;
+            for (int i = 0; i < kGroup; ++i) {
+                const float a = xg[i] < 0 ? -xg[i] : xg[i];
+                amax = a > amax ? a : amax;
+            }
+            const float scale = scale_up(amax);
+            const float inv = scale > 0.f ? 1.f / scale : 0.f;
+            for (int i = 0; i < kGroup; ++i) {
+                float r = __builtin_rintf(xg[i] * inv);  // to nearest, ties to even
+                r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
+                out[g * kGroup + i] = int8_t(r);
+            }
+            uint32_t bits;
+            std::memcpy(&bits, &scale, sizeof bits);
+            const uint16_t high = uint16_t(bits >> 16);  // exact: the low half is zero
+            std::memcpy(out + d + 2 * g, &high, sizeof high);
         }
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        for (int i = 0; i < d; ++i) {
-            float r = __builtin_rintf(xf[i] * inv);  // to nearest, ties to even
-            r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
-            out[i] = int8_t(r);
-        }
-        const float scale = amax / 127.f;
-        std::memcpy(out + d, &scale, sizeof scale);
     } else {
         for (int i = 0; i < d; ++i) store(out + i, to_float(x[i]));
     }

@@ -21,7 +21,6 @@
 
 namespace {
 
-using kvserve::row_scale;
 using kvserve::row_width;
 using kvserve::store;
 using kvserve::to_float;
@@ -62,11 +61,19 @@ struct Args {
     int window;  // > 0: attend only to the last `window` positions (sliding-window layers)
 };
 
-// A cache row's values as float (in place for a float cache, else converted into `buf`).
+// A cache row's values as float (in place for a float cache, else converted into `buf`; an
+// int8 value times its group's scale, exact).
 template <typename C, int D>
 inline const float* load_row(const C* row, float* buf) {
     if constexpr (std::is_same_v<C, float>) {
         return row;
+    } else if constexpr (std::is_same_v<C, int8_t>) {
+        for (int g = 0; g < D / kvserve::kGroup; ++g) {
+            const float s = kvserve::group_scale(row, D, g);
+            for (int i = g * kvserve::kGroup; i < (g + 1) * kvserve::kGroup; ++i)
+                buf[i] = to_float(row[i]) * s;
+        }
+        return buf;
     } else {
         for (int i = 0; i < D; ++i) buf[i] = to_float(row[i]);
         return buf;
@@ -131,7 +138,7 @@ struct Scratch {
 // order) is the same whatever nq, its row, the heads alongside or the other rows, so a token
 // is computed the same alone, batched, or as part of a prefill chunk.
 // T: the query and output element; C: the cache element (T, another float type, or int8
-// rows whose scale is applied to each dot product and each weight of a V row).
+// rows, read back as floats with their group scales as the rows are loaded).
 template <typename T, typename C, int D>
 void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
     const int group = a.num_heads / a.num_kv_heads, bs = a.block_size, nkv = kv1 - kv0;
@@ -169,10 +176,10 @@ void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
             for (int i = 0; i < D; ++i) f[i] = to_float(qh[i]) * a.scale;
         }
     }
-    // body(r, t0, rows, scales, tb, te) for each block of kBlock positions lo + t0 + p of
-    // `cache`, each kv head, and each (query, head) row r that attends to positions lo + [tb,
-    // te) of the block; rows[p] is the float row of lo + t0 + p and scales[p] its scale (zeros
-    // and 0 past hi). A block's rows are loaded once for all.
+    // body(r, t0, rows, tb, te) for each block of kBlock positions lo + t0 + p of `cache`,
+    // each kv head, and each (query, head) row r that attends to positions lo + [tb, te) of
+    // the block; rows[p] is the float row of lo + t0 + p (zeros past hi). A block's rows are
+    // loaded once for all.
     alignas(64) static const float zeros[D] = {};
     auto each_block = [&](const void* cache, auto&& body) {
         // Slots are found by walking the table position by position (no division each), a
@@ -203,25 +210,22 @@ void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
             }
             for (int kv = kv0; kv < kv1; ++kv) {
                 const float* rows[kBlock];
-                alignas(32) float scales[kBlock];
-                for (int p = 0; p < kBlock; ++p) {
+                for (int p = 0; p < kBlock; ++p)
                     rows[p] = p < n ? load_row<C, D>(slots[p] + kv * R, sc.rows.data() + p * D)
                                     : zeros;
-                    scales[p] = p < n ? row_scale(slots[p] + kv * R, D) : 0.f;
-                }
                 for (int j = 0; j < nq; ++j) {
                     const int64_t tb = first[j] - lo > t0 ? first[j] - lo : t0;
                     const int64_t te = end[j] - lo < t0 + n ? end[j] - lo : t0 + n;
                     if (tb >= te) continue;
                     const int r0 = j * per_query + (kv - kv0) * group;
-                    for (int r = r0; r < r0 + group; ++r) body(r, t0, rows, scales, tb, te);
+                    for (int r = r0; r < r0 + group; ++r) body(r, t0, rows, tb, te);
                 }
             }
         }
     };
-    each_block(a.k_cache, [&](int r, int64_t t0, const float* const* k, const float* ks,
-                              int64_t, int64_t) {  // a block of scores q.k
-        store8(s + r * len + t0, dots<D>(qf + r * D, k) * load8(ks));
+    each_block(a.k_cache, [&](int r, int64_t t0, const float* const* k, int64_t,
+                              int64_t) {  // a block of scores q.k
+        store8(s + r * len + t0, dots<D>(qf + r * D, k));
     });
     float inv_sum[kTile * kMaxHeads];
     for (int r = 0; r < nrows; ++r) {  // softmax over each query's positions
@@ -238,8 +242,8 @@ void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
         }
         inv_sum[r] = 1.f / sum;
     }
-    each_block(a.v_cache, [&](int r, int64_t t0, const float* const* v, const float* vs,
-                              int64_t tb, int64_t te) {  // weighted values, in position order
+    each_block(a.v_cache, [&](int r, int64_t t0, const float* const* v, int64_t tb,
+                              int64_t te) {  // weighted values, in position order
         const float* sr = s + r * len;
         float* ar = acc + r * D;
         for (int c0 = 0; c0 < D; c0 += 64) {  // 64 channels kept in registers over the block
@@ -247,7 +251,7 @@ void attend(const Args& a, int row0, int nq, int kv0, int kv1, Scratch& sc) {
 #pragma GCC unroll 8
             for (int c = 0; c < 8; ++c) o[c] = load8(ar + c0 + 8 * c);
             for (int64_t t = tb; t < te; ++t) {
-                const float p = sr[t] * vs[t - t0];
+                const float p = sr[t];
                 const float* vt = v[t - t0] + c0;
 #pragma GCC unroll 8
                 for (int c = 0; c < 8; ++c) o[c] += p * load8(vt + 8 * c);
