@@ -61,25 +61,6 @@ struct Args {
     int window;  // > 0: attend only to the last `window` positions (sliding-window layers)
 };
 
-// A cache row's values as float (in place for a float cache, else converted into `buf`; an
-// int8 value times its group's scale, exact).
-template <typename C, int D>
-inline const float* load_row(const C* row, float* buf) {
-    if constexpr (std::is_same_v<C, float>) {
-        return row;
-    } else if constexpr (std::is_same_v<C, int8_t>) {
-        for (int g = 0; g < D / kvserve::kGroup; ++g) {
-            const float s = kvserve::group_scale(row, D, g);
-            for (int i = g * kvserve::kGroup; i < (g + 1) * kvserve::kGroup; ++i)
-                buf[i] = to_float(row[i]) * s;
-        }
-        return buf;
-    } else {
-        for (int i = 0; i < D; ++i) buf[i] = to_float(row[i]);
-        return buf;
-    }
-}
-
 // Eight floats: the compiler maps it to one AVX2 register, half an AVX-512 one, or SSE pairs.
 typedef float v8 __attribute__((vector_size(32)));
 constexpr int kBlock = 8;  // positions whose K (or V) rows are loaded together: lanes of a v8
@@ -90,6 +71,26 @@ inline v8 load8(const float* p) {
     return v;
 }
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+// A cache row's values as float (in place for a float cache, else converted into `buf`; an
+// int8 value times its group's scale, exact).
+template <typename C, int D>
+inline const float* load_row(const C* row, float* buf) {
+    if constexpr (std::is_same_v<C, float>) {
+        return row;
+    } else if constexpr (std::is_same_v<C, int8_t>) {
+        constexpr int G = kvserve::kGroup;
+        float scale[D / G];  // read before buf is written (an int8_t* may alias it)
+        for (int g = 0; g < D / G; ++g) scale[g] = kvserve::group_scale(row, D, g);
+        for (int i = 0; i < D; ++i) buf[i] = to_float(row[i]);
+        for (int g = 0; g < D / G; ++g)
+            for (int i = g * G; i < (g + 1) * G; ++i) buf[i] *= scale[g];
+        return buf;
+    } else {
+        for (int i = 0; i < D; ++i) buf[i] = to_float(row[i]);
+        return buf;
+    }
+}
 
 #if defined(__clang__)
 #define KV_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
