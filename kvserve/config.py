@@ -42,7 +42,7 @@ class EngineConfig:
                                    "--kv-cache-dtype auto)", choices=DTYPES)
     kv_cache_dtype: str = option(
         "auto", "what the KV cache stores: auto is --dtype; int8 keeps each token's K and V "
-                "per kv head as 8-bit values with a float32 scale (about a quarter of float32's "
+                "per kv head as 8-bit values with a bfloat16 scale per 16 (0.28x float32's "
                 "bytes; CPU only)", choices=KV_CACHE_DTYPES)
     quantization: str = option(
         "auto", "weights of a quantized GGUF: gguf computes on its blocks natively (CPU only); "
