@@ -27,9 +27,9 @@ def prepare_inputs(batch: list[ScheduledRequest], block_size: int, device: torch
         ids.extend(s.token_ids)
         pos.extend(range(s.start, s.start + s.num_new_tokens))
     positions = torch.tensor(pos, dtype=torch.long, device=device)
-    owners = torch.repeat_interleave(
-        torch.arange(len(batch), device=device),
-        torch.tensor([s.num_new_tokens for s in batch], device=device))
+    # the batch row of each token (a list: torch.repeat_interleave takes ~100 us in a step)
+    owners = torch.tensor([i for i, s in enumerate(batch) for _ in range(s.num_new_tokens)],
+                          device=device)
     metas = [group_metadata(batch, g, window, block_size, device, decode_kernel, positions,
                             owners) for g, window in enumerate(windows)]
     input_ids = torch.tensor(ids, dtype=torch.long, device=device)
