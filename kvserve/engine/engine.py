@@ -22,12 +22,11 @@ from kvserve.cache.manager import KVCacheManager
 from kvserve.cache.stats import cache_report
 from kvserve.cache.tiers import TierStore
 from kvserve.config import EngineConfig
-from kvserve.engine.kv_setup import build_tiers, group_block_counts, kv_format
+from kvserve.engine.kv_setup import build_tiers, check_kv_dtype, group_block_counts, kv_format
 from kvserve.engine.output import RequestOutput, TextStream, finish_reason, make_output
 from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.stats import EngineStats
-from kvserve.model.config import KV_GROUP
 from kvserve.model.kv_quant import KV_DTYPES
 from kvserve.model.loader import Checkpoint, load_checkpoint
 from kvserve.model.quant import quantized_nbytes, resolve_quantization
@@ -75,10 +74,7 @@ class Engine:
         checkpoint = checkpoint or load_checkpoint(
             config.model, resolve_quantization(config.quantization, self.device))
         self.model_config = checkpoint.config
-        if config.kv_dtype == "int8" and checkpoint.config.head_dim % KV_GROUP:
-            raise ValueError(f"kv_cache_dtype int8 needs a head_dim that is a multiple of "
-                             f"{KV_GROUP} (this model's is {checkpoint.config.head_dim}); use "
-                             f"kv_cache_dtype auto")
+        check_kv_dtype(config, checkpoint.config)
         self.tokenizer = checkpoint.tokenizer
         self.fingerprint = checkpoint.fingerprint
         self.max_model_len = min(config.max_model_len or checkpoint.config.max_position_embeddings,

@@ -9,9 +9,17 @@ from kvserve.cache.disk_tier import DiskTier
 from kvserve.cache.remote_tier import RemoteTier
 from kvserve.cache.tiers import HostTier, TierStore
 from kvserve.config import EngineConfig
-from kvserve.model.config import ModelConfig
+from kvserve.model.config import KV_GROUP, ModelConfig
 
 KV_LAYOUT_VERSION = 1  # bump when the order of a block's payload changes
+
+
+def check_kv_dtype(config: EngineConfig, model: ModelConfig) -> None:
+    """Refuse a KV dtype the model's shape cannot take: int8 scales groups of KV_GROUP."""
+    if config.kv_dtype == "int8" and model.head_dim % KV_GROUP:
+        raise ValueError(f"kv_cache_dtype int8 needs a head_dim that is a multiple of "
+                         f"{KV_GROUP} (this model's is {model.head_dim}); use kv_cache_dtype "
+                         f"auto")
 
 
 def kv_format(config: EngineConfig, model: ModelConfig) -> str:

@@ -3,7 +3,7 @@
 // bfloat16, symmetric). A value reads back as float(q) * scale, exact in float32 (8-bit times
 // 8-bit significands). A key row is first rotated by a
 // Hadamard transform (unnormalized, in blocks of hadamard_size(head_dim)), which spreads the
-// few large channels of keys over the whole row before one scale is chosen for it; a query
+// few large channels of keys over the whole row before its scales are chosen; a query
 // is rotated the same way and divided by the block size, so q.k is unchanged. kv_quant.py has
 // the same rules in PyTorch; the two must agree bit for bit (tests/model/test_kv_quant.py).
 #pragma once
@@ -31,15 +31,12 @@ inline float group_scale(const int8_t* row, int d, int g) {
     return to_float(s);
 }
 
-// absmax / 127 rounded up to a bfloat16 (its low 16 bits zero), so no value of a group clips.
-inline float scale_up(float amax) {
+// absmax / 127 rounded up to a bfloat16, so no value of a group clips.
+inline uint16_t scale_up(float amax) {
     uint32_t bits;
-    float s = amax / 127.f;
+    const float s = amax / 127.f;
     std::memcpy(&bits, &s, sizeof bits);
-    if (bits & 0xFFFFu) bits += 0x10000u;
-    bits &= ~0xFFFFu;
-    std::memcpy(&s, &bits, sizeof s);
-    return s;
+    return uint16_t((bits >> 16) + ((bits & 0xFFFFu) != 0));
 }
 
 constexpr int kMaxHeadDim = 256;
@@ -79,17 +76,15 @@ inline void write_row(const T* x, C* out, int d) {
                 const float a = xg[i] < 0 ? -xg[i] : xg[i];
                 amax = a > amax ? a : amax;
             }
-            const float scale = scale_up(amax);
+            const uint16_t stored = scale_up(amax);
+            const float scale = to_float(stored);
             const float inv = scale > 0.f ? 1.f / scale : 0.f;
             for (int i = 0; i < kGroup; ++i) {
                 float r = __builtin_rintf(xg[i] * inv);  // to nearest, ties to even
                 r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
                 out[g * kGroup + i] = int8_t(r);
             }
-            uint32_t bits;
-            std::memcpy(&bits, &scale, sizeof bits);
-            const uint16_t high = uint16_t(bits >> 16);  // exact: the low half is zero
-            std::memcpy(out + d + 2 * g, &high, sizeof high);
+            std::memcpy(out + d + 2 * g, &stored, sizeof stored);
         }
     } else {
         for (int i = 0; i < d; ++i) store(out + i, to_float(x[i]));

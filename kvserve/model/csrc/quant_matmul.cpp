@@ -1,13 +1,14 @@
 // y[M, N] = x[M, K] @ W^T on GGUF quantized weights W [N, K], on the CPU, without a float
 // copy of W. As in llama.cpp, each row of x is quantized once per call to blocks of 32 with a
 // float scale, and each (row, block) pair is an integer dot product (AVX2 madd, or AVX-512
-// VNNI vpdpwssd where the CPU has it) scaled into a float accumulator. The activations take 16 bits (llama.cpp: 8), so that the result stays
-// within float32 rounding of the dequantized weights' (8 bits moved top-1 predictions of the
-// default model at 4% of positions); the weights are widened to 16 bits as they are unpacked.
+// VNNI vpdpwssd where the CPU has it) scaled into a float accumulator. The activations take
+// 16 bits (llama.cpp: 8), so that the result stays within float32 rounding of the dequantized
+// weights' (8 bits moved top-1 predictions of the default model at 4% of positions); the
+// weights are widened to 16 bits as they are unpacked.
 //
 // Batch invariance: an output element is always computed by the same sequence of operations
-// (one 8- or 16-lane float accumulator, blocks in order, one horizontal sum), whatever the tile, the
-// thread or the other rows of the call; the library is built without -ffast-math and with
+// (one 8- or 16-lane float accumulator, blocks in order, one horizontal sum), whatever the
+// tile, the thread or the other rows of the call; the library is built without -ffast-math and with
 // -ffp-contract=off so the compiler keeps that order. Columns are split across threads.
 
 #include <cstdint>
@@ -38,7 +39,8 @@ constexpr int kSecond = 32, kHalfGap = 16;
 // The activations, quantized: each row of k values as 16-bit integers in blocks of 32, each
 // block with its own scale d = max|x| / 32767 (an odd number of blocks ends with a zero
 // block), and per pair of blocks coef = [d_b, d_b * sum(q_b), d_b+1, d_b+1 * sum(q_b+1)].
-// A pair's 64 values: b 0..31 then b+1 0..31, or (wide) b 0..15, b+1 0..15, b 16..31, b+1 16..31.
+// A pair's 64 values: b 0..31 then b+1 0..31, or (wide) b 0..15, b+1 0..15, b 16..31,
+// b+1 16..31.
 struct Act {
     int64_t num_blocks, num_pairs;
     int16_t* qs;
@@ -231,7 +233,7 @@ struct Out {
     }
 };
 
-constexpr int64_t kPrefetchBytes = 24 * 1024;  // measured: 8 KB 1.2x slower a token, 16-24 KB best
+constexpr int64_t kPrefetchBytes = 24 * 1024;  // measured: 8 KB 1.2x slower a token; 16-24 best
 
 // NR weight rows x MR activation rows, over the whole k.
 template <int T, int NR, int MR>
