@@ -1,6 +1,7 @@
 """The C++ CPU kernels of csrc/ (paged decode attention, fused RMSNorm, rope fused with the
-K/V cache write), compiled on first use into one library and loaded with ctypes; the matmuls
-on GGUF quantized weights (quant.py) are a second library, built the same way.
+K/V cache write, silu(gate) * up, and a decode step's decoder layers in one call), compiled on
+first use into one library and loaded with ctypes; the matmuls on GGUF quantized weights
+(quant.py) are a second library, built the same way.
 
 It needs only a C++ compiler (``$CXX``, default ``g++``); it is built for this machine's CPU
 and cached under ``~/.cache/kvserve/kernels`` (``$KVSERVE_CACHE_DIR``). When there is no
@@ -28,8 +29,9 @@ from kvserve.model.config import int8_row_width
 log = logging.getLogger("kvserve")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp")]
-HEADERS = [CSRC / name for name in ("bf16.h", "kv_int8.h", "thread_pool.h")]
+SOURCES = [CSRC / name for name in ("paged_attention.cpp", "rms_norm.cpp", "rope_cache.cpp",
+                                    "silu_mul.cpp", "decode_layers.cpp")]
+HEADERS = [CSRC / name for name in ("bf16.h", "kv_int8.h", "thread_pool.h", "vec_math.h")]
 # -fassociative-math lets the compiler sum a dot product as a tree of vector adds. The kernel
 # stays deterministic: one compiled order for every sequence, however the batch is made up.
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros",
@@ -145,6 +147,73 @@ class RopeCacheKernel:
         return q, k
 
 
+class SiluMulKernel:
+    """SwiGLU's activation: the gate/up projection [N, 2 n] -> silu(gate) * up [N, n]."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.fn = lib.kvserve_silu_mul
+        c = ctypes
+        self.fn.argtypes = [c.c_int, c.c_void_p, c.c_int64, c.c_int64, c.c_void_p]
+        self.fn.restype = c.c_int
+
+    def supports(self, gate_up: torch.Tensor) -> bool:
+        return (gate_up.device.type == "cpu" and gate_up.dtype in DTYPE_CODES
+                and gate_up.is_contiguous() and gate_up.shape[-1] % 2 == 0)
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        n = gate_up.shape[-1] // 2
+        out = gate_up.new_empty(*gate_up.shape[:-1], n)
+        self.fn(DTYPE_CODES[gate_up.dtype], gate_up.data_ptr(), gate_up.numel() // (2 * n), n,
+                out.data_ptr())
+        return out
+
+
+class DecodeLayer(ctypes.Structure):
+    """csrc/decode_layers.cpp's Layer: a layer's weights (norms as float tensors, projections
+    as quant_matmul.cpp Weights) and its K/V cache."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "input_norm", "post_norm", "qkv", "o", "gate_up", "down", "k_cache", "v_cache")]
+
+
+class DecodeStep(ctypes.Structure):
+    """csrc/decode_layers.cpp's Step: what every layer of the call shares."""
+
+    c = ctypes
+    _fields_ = [("matmul", c.c_void_p), ("dtype", c.c_int), ("cache_dtype", c.c_int),
+                ("tokens", c.c_int64), ("hidden", c.c_int), ("num_heads", c.c_int),
+                ("num_kv_heads", c.c_int), ("head_dim", c.c_int), ("intermediate", c.c_int),
+                ("eps", c.c_float), ("scale", c.c_float), ("window", c.c_int),
+                ("block_size", c.c_int), ("matmul_threads", c.c_int),
+                ("attention_threads", c.c_int), ("cos", c.c_void_p), ("sin", c.c_void_p),
+                ("positions", c.c_void_p), ("slots", c.c_void_p), ("block_tables", c.c_void_p),
+                ("table_stride", c.c_int64), ("context_lens", c.c_void_p)]
+    del c
+
+
+class DecodeLayersKernel:
+    """All decoder layers of a decode step (one new token per sequence) in one call: the
+    kernels the module path calls, in its order, so the results are the same bit for bit.
+    ``matmul``: the address of kvserve_quant_matmul (the other library)."""
+
+    def __init__(self, lib: ctypes.CDLL, matmul: int) -> None:
+        self.fn = lib.kvserve_decode_layers
+        c = ctypes
+        self.fn.argtypes = [c.c_void_p, c.c_void_p, c.c_int, c.c_void_p, c.c_void_p]
+        self.fn.restype = c.c_int
+        self.matmul = matmul
+
+    def __call__(self, step: DecodeStep, layers: ctypes.Array, residual: torch.Tensor,
+                 x: torch.Tensor) -> None:
+        """residual: the embeddings in, the residual stream out; x: the last MLP output."""
+        step.matmul = self.matmul
+        rc = self.fn(ctypes.addressof(step), ctypes.addressof(layers), len(layers),
+                     residual.data_ptr(), x.data_ptr())
+        if rc != 0:
+            raise ValueError(f"decode layers kernel: unsupported shape (head_dim "
+                             f"{step.head_dim}, {step.num_heads} heads)")
+
+
 def row_width(head_dim: int, cache_dtype: torch.dtype) -> int:
     return int8_row_width(head_dim) if cache_dtype == torch.int8 else head_dim
 
@@ -201,6 +270,19 @@ def rms_norm_kernel() -> RMSNormKernel | None:
 def rope_cache_kernel() -> RopeCacheKernel | None:
     lib = load_library()
     return None if lib is None else RopeCacheKernel(lib)
+
+
+def silu_mul_kernel() -> SiluMulKernel | None:
+    lib = load_library()
+    return None if lib is None else SiluMulKernel(lib)
+
+
+def decode_layers_kernel() -> DecodeLayersKernel | None:
+    """None without both libraries: the layers then run one module at a time."""
+    lib, quant = load_library(), load_quant_library()
+    if lib is None or quant is None:
+        return None
+    return DecodeLayersKernel(lib, ctypes.cast(quant.kvserve_quant_matmul, ctypes.c_void_p).value)
 
 
 def cache_dir() -> Path:

@@ -20,10 +20,19 @@ from torch import nn
 from kvserve.model.attention import AttentionMetadata, paged_attention
 from kvserve.model.config import ModelConfig, RopeScaling
 from kvserve.model.cpu_kernels import (
+    CACHE_CODES,
+    DTYPE_CODES,
+    HEAD_DIMS,
+    DecodeLayer,
+    DecodeLayersKernel,
+    DecodeStep,
     RMSNormKernel,
     RopeCacheKernel,
+    SiluMulKernel,
+    decode_layers_kernel,
     rms_norm_kernel,
     rope_cache_kernel,
+    silu_mul_kernel,
 )
 from kvserve.model.gguf_blocks import QuantTensor
 from kvserve.model.quant import (
@@ -180,9 +189,13 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_kernel: SiluMulKernel | None = None  # set by build_model on a CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act_kernel is not None and self.act_kernel.supports(gate_up):
+            return self.down_proj(self.act_kernel(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -211,6 +224,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope: RotaryEmbedding | None = None
+        self.decode_layers: DecodeLayers | None = None  # set by build_model where it applies
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata | Sequence[AttentionMetadata]) -> torch.Tensor:
@@ -218,8 +232,10 @@ class LlamaForCausalLM(nn.Module):
         one KV cache group (config.kv_groups()) all its layers share."""
         if not isinstance(meta, AttentionMetadata):  # one KV cache group: every layer's window
             (meta,) = meta
-        x, residual = self.embed_tokens(input_ids), None
-        rope = self.rope(positions, x.dtype)
+        x = self.embed_tokens(input_ids)
+        if self.decode_layers is not None and self.decode_layers.supports(x, meta):
+            return self.norm(*self.decode_layers(x, meta))[0]
+        rope, residual = self.rope(positions, x.dtype), None
         for layer in self.layers:
             x, residual = layer(x, residual, rope, meta)
         return self.norm(x, residual)[0]
@@ -240,6 +256,75 @@ class LlamaForCausalLM(nn.Module):
             raise KeyError(f"checkpoint lacks tensors for: {sorted(missing)[:5]}")
         for name, param in params.items():
             param.copy_(own[name])
+
+
+class DecodeLayers:
+    """A decode step's decoder layers in one C++ call (cpu_kernels.DecodeLayersKernel), for a
+    Llama-family model whose projections are all quantized, on a CPU. It calls the kernels
+    the layers' forward calls, in the same order, so its results are the same bit for bit;
+    steps with a prefill chunk take the layers' forward."""
+
+    def __init__(self, model: LlamaForCausalLM, kernel: DecodeLayersKernel) -> None:
+        config = model.config
+        self.kernel = kernel
+        self.attns = [layer.self_attn for layer in model.layers]
+        self.layers = (DecodeLayer * len(model.layers))()
+        for c, layer in zip(self.layers, model.layers, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            c.input_norm = layer.input_layernorm.weight.data_ptr()
+            c.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+            c.qkv, c.o = attn.qkv_proj.weight_address, attn.o_proj.weight_address
+            c.gate_up, c.down = mlp.gate_up_proj.weight_address, mlp.down_proj.weight_address
+        cos, sin = model.rope.cos, model.rope.sin
+        self.step = DecodeStep(
+            hidden=config.hidden_size, num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+            intermediate=config.intermediate_size, eps=config.rms_norm_eps,
+            scale=self.attns[0].scale, cos=cos.data_ptr(), sin=sin.data_ptr())
+        self.tables = (cos, sin)  # kept alive with the addresses above
+        self.dtype = model.norm.weight.dtype
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        """Every projection quantized without a bias, no q/k norm, a head_dim the attention
+        kernel covers: what the C++ layer sequence assumes."""
+        if type(model) is not LlamaForCausalLM or model.config.qk_norm:
+            return False
+        projections = [m for layer in model.layers
+                       for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                 layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        return (model.config.head_dim in HEAD_DIMS
+                and model.norm.weight.dtype in DTYPE_CODES
+                and all(isinstance(p, QuantLinear) and p.bias is None for p in projections))
+
+    def supports(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        k_cache = self.attns[0].k_cache
+        return (not meta.prefills and meta.num_decodes == x.shape[0] > 0
+                and meta.decode_kernel is not None and meta.positions is not None
+                and x.dtype == self.dtype and x.is_contiguous()
+                and k_cache.dtype in CACHE_CODES and k_cache.is_contiguous()
+                and meta.decode_kernel.supports(x.view(x.shape[0], -1, self.step.head_dim),
+                                                k_cache))
+
+    def __call__(self, x: torch.Tensor, meta: AttentionMetadata
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings [T, hidden] -> (the last MLP output, the residual stream before it),
+        as the layers' forward returns them; the embeddings become the residual stream."""
+        assert meta.decode_kernel is not None and meta.decode_blocks is not None
+        for c, attn in zip(self.layers, self.attns, strict=True):
+            c.k_cache, c.v_cache = attn.k_cache.data_ptr(), attn.v_cache.data_ptr()
+        s = self.step
+        s.dtype, s.cache_dtype = DTYPE_CODES[x.dtype], CACHE_CODES[self.attns[0].k_cache.dtype]
+        s.tokens, s.window, s.block_size = x.shape[0], meta.window, meta.block_size
+        s.matmul_threads = torch.get_num_threads()
+        s.attention_threads = meta.decode_kernel.num_threads
+        s.positions, s.slots = meta.positions.data_ptr(), meta.slot_mapping.data_ptr()
+        s.block_tables, s.table_stride = (meta.decode_blocks.data_ptr(),
+                                          meta.decode_blocks.stride(0))
+        s.context_lens = meta.decode_lens.data_ptr()
+        out = torch.empty_like(x)
+        self.kernel(s, self.layers, x, out)
+        return out, x
 
 
 Weight = torch.Tensor | QuantTensor | list[QuantTensor]
@@ -299,7 +384,8 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor | QuantTens
     model.init_rope(max_positions, device)
     model.eval().requires_grad_(False)
     if device.type == "cpu":
-        norm_kernel, rope_kernel = rms_norm_kernel(), rope_cache_kernel()
+        norm_kernel, rope_kernel, act_kernel = (rms_norm_kernel(), rope_cache_kernel(),
+                                                silu_mul_kernel())
         for module in model.modules():
             if isinstance(module, Linear):
                 module.prepare_for_cpu()
@@ -308,6 +394,11 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor | QuantTens
             elif isinstance(module, Attention):
                 module.rope_kernel = rope_kernel
                 module.rope_tables = (model.rope.cos, model.rope.sin)
+            elif type(module) is MLP:  # GeGLU (gemma3.py) has its own activation
+                module.act_kernel = act_kernel
+        layers_kernel = decode_layers_kernel() if DecodeLayers.applies(model) else None
+        if layers_kernel is not None:
+            model.decode_layers = DecodeLayers(model, layers_kernel)
     return model
 
 

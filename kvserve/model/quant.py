@@ -101,8 +101,8 @@ class QuantLinear(nn.Module):
         self._ptrs = (ctypes.c_void_p * n)(*(p.data.ctypes.data for p in parts))
         self._rows = (ctypes.c_int64 * n)(*(p.shape[0] for p in parts))
         self._weight = _Weight(self.in_features, n, self._types, self._ptrs, self._rows)
-        self._weight_ptr = ctypes.addressof(self._weight)
-        if kernel.check_fn(self._weight_ptr) != 0:
+        self.weight_address = ctypes.addressof(self._weight)  # also for csrc/decode_layers.cpp
+        if kernel.check_fn(self.weight_address) != 0:
             types = [p.qtype.name for p in parts]
             raise ValueError(f"no native kernel for {types} with {self.in_features} columns")
 
@@ -111,8 +111,9 @@ class QuantLinear(nn.Module):
         if code is None or not x.is_contiguous():  # float16 and others: compute in float32
             return self.forward(x.float().contiguous()).to(x.dtype)
         y = x.new_empty(*x.shape[:-1], self.out_features)
-        self.kernel.matmul_fn(self._weight_ptr, code, x.data_ptr(), x.numel() // self.in_features,
-                              y.data_ptr(), torch.get_num_threads())
+        self.kernel.matmul_fn(self.weight_address, code, x.data_ptr(),
+                              x.numel() // self.in_features, y.data_ptr(),
+                              torch.get_num_threads())
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

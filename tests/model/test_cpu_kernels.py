@@ -201,6 +201,24 @@ def test_rms_norm_kernel_refuses_what_it_cannot_read():
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 8e-3)])
+def test_silu_mul_kernel_matches_float64(dtype, tol):
+    kernel = cpu_kernels.silu_mul_kernel()
+    g = torch.Generator().manual_seed(3)
+    gate_up = (torch.randn(5, 2 * 1536, generator=g) * 8).to(dtype)
+    gate_up[0, :3] = torch.tensor([0.0, -100.0, 100.0])  # exp's clamp at both ends
+    gate, up = gate_up.double().split(1536, dim=-1)
+    expected = gate * torch.sigmoid(gate) * up
+    out = kernel(gate_up)
+    assert out.shape == (5, 1536) and out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    assert out[0, 0] == 0 and abs(out[0, 1]) < 1e-30 and out[0, 2] == gate_up[0, 1538] * 100
+    assert torch.equal(kernel(gate_up[2:3].clone())[0], out[2])  # rows do not see the batch
+    assert not kernel.supports(gate_up.t())  # not contiguous
+    assert not kernel.supports(gate_up.to(torch.float16))
+
+
+@needs_compiler
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_rope_cache_kernel_matches_torch(dtype, tol):
     """Rotated q and k as apply_rope makes them; k and v land in their slots, nothing else

@@ -133,3 +133,55 @@ def test_greedy_alone_equals_batched_and_follows_float32(native, llm):
     reference = [o.token_ids for o in llm.generate(ids, params)]
     same = sum(a == b for a, b in zip(batched, reference))
     assert same >= 6, f"{same} of 8 continuations equal the float32 path's"
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.int8)])
+def test_decode_layers_in_one_call_equal_the_modules_bit_for_bit(native, dtype, cache_dtype):
+    """The C++ layer sequence of a decode step (llama.DecodeLayers) against the layers'
+    forward: the same hidden states and the same new cache rows, for 1 and 3 sequences."""
+    from kvserve.model.cpu_kernels import paged_decode_kernel, row_width
+
+    config, bs = native.config, 16
+    model = build_model(config, native.tensors, dtype, torch.device("cpu"), 256)
+    fused = model.decode_layers
+    assert fused is not None
+    row = row_width(config.head_dim, cache_dtype)
+    for layer in model.layers:
+        for name in ("k_cache", "v_cache"):
+            setattr(layer.self_attn, name,
+                    torch.zeros(3 * 64, config.num_kv_heads, row, dtype=cache_dtype))
+    kernel = paged_decode_kernel(2)
+    tables = torch.arange(12).view(3, 4)  # sequence i: blocks 4i..4i+3 (64 slots)
+    prompts = [PROMPTS[0], PROMPTS[3], TEXT[:200]]
+    ids = [native.tokenizer.encode(p) for p in prompts]
+    with torch.inference_mode():
+        for i, seq in enumerate(ids):  # prefill through the modules
+            n = len(seq)
+            meta = AttentionMetadata(slot_mapping=64 * i + torch.arange(n),
+                                     positions=torch.arange(n), block_size=bs,
+                                     decode_kernel=kernel,
+                                     prefills=(PrefillSpan(0, n, block_table=tables[i]),))
+            model(torch.tensor(seq), torch.arange(n), meta)
+        for rows in ([1], [0, 1, 2]):
+            lens = torch.tensor([len(ids[i]) for i in rows])
+            meta = AttentionMetadata(
+                slot_mapping=64 * torch.tensor(rows) + lens, positions=lens, block_size=bs,
+                num_decodes=len(rows), decode_blocks=tables[rows].contiguous(),
+                decode_len=int(lens.max()) + 1, decode_lens=lens + 1, decode_kernel=kernel)
+            step = torch.tensor([ids[i][-1] for i in rows])
+            before = [(a.k_cache.clone(), a.v_cache.clone()) for a in fused.attns]
+            x = model.embed_tokens(step)
+            assert fused.supports(x, meta)
+            got = model(step, lens, meta)
+            got_cache = [(a.k_cache.clone(), a.v_cache.clone()) for a in fused.attns]
+            for a, (k, v) in zip(fused.attns, before):
+                a.k_cache.copy_(k)
+                a.v_cache.copy_(v)
+            model.decode_layers = None
+            want = model(step, lens, meta)
+            model.decode_layers = fused
+            assert torch.equal(got, want)
+            for a, (k, v) in zip(fused.attns, got_cache):
+                assert torch.equal(a.k_cache, k) and torch.equal(a.v_cache, v)

@@ -18,32 +18,14 @@
 #include "bf16.h"
 #include "kv_int8.h"
 #include "thread_pool.h"
+#include "vec_math.h"
 
 namespace {
 
+using kvserve::exp_nonpositive;
 using kvserve::row_width;
 using kvserve::store;
 using kvserve::to_float;
-
-// exp(x) for x <= 0, to about 1 ulp, written so that the compiler vectorizes it:
-// exp(x) = 2^k * exp(r), k = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series.
-inline float exp_nonpositive(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float k = __builtin_rintf(x * 1.44269504f);  // round to nearest
-    const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;  // ln 2 in two parts
-    float p = 1.f / 5040;
-    p = p * r + 1.f / 720;
-    p = p * r + 1.f / 120;
-    p = p * r + 1.f / 24;
-    p = p * r + 1.f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const int32_t bits = (int32_t(k) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 constexpr int kMaxHeads = 128;
 constexpr int kTile = 16;  // queries of one sequence computed together (a prefill chunk)
