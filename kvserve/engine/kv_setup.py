@@ -3,6 +3,8 @@ cache group gets out of ``--kv-cache-memory``, and the host/disk/remote tiers be
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from kvserve.cache.disk_tier import DiskTier
@@ -12,6 +14,19 @@ from kvserve.config import EngineConfig
 from kvserve.model.config import KV_GROUP, ModelConfig
 
 KV_LAYOUT_VERSION = 1  # bump when the order of a block's payload changes
+
+
+def resolve_kv_dtype(config: EngineConfig, model: ModelConfig, native_weights: bool,
+                     int8_kernel: bool) -> EngineConfig:
+    """``kv_cache_dtype`` auto, made concrete: int8 where the model computes on quantized GGUF
+    blocks on a CPU and the C++ attention kernel reads int8 rows at its head_dim
+    (``int8_kernel``), as llama.cpp users pick a q8_0 cache: 3.6x the tokens of float32 in
+    the same memory, perplexity +0.2% on the default model (docs/BENCHMARKS.md). Elsewhere
+    the activation dtype, the one lossless choice."""
+    if config.kv_cache_dtype != "auto":
+        return config
+    int8 = native_weights and int8_kernel and model.head_dim % KV_GROUP == 0
+    return dataclasses.replace(config, kv_cache_dtype="int8" if int8 else config.dtype)
 
 
 def check_kv_dtype(config: EngineConfig, model: ModelConfig) -> None:

@@ -42,6 +42,7 @@ def build_app(engine: Engine, config: ServerConfig | None = None, **options: Any
         or engine.model_config.name, fingerprint=engine.fingerprint,
         max_model_len=engine.max_model_len, num_pool_tokens=engine.stats().num_pool_tokens,
         vocab_size=engine.model_config.vocab_size, config=config, weights=engine.weights,
+        kv_cache_dtype=engine.config.kv_dtype,
         max_num_seqs=engine.config.max_num_seqs)
 
     @asynccontextmanager
@@ -104,8 +105,8 @@ async def require_api_key(request: Request) -> None:
 
 def banner(engine: Engine, model_name: str, url: str) -> str:
     s = engine.stats()
-    return (f"kvserve {__version__}: {model_name} (weights: {engine.weights}; activations and "
-            f"KV: {engine.config.dtype}; {engine.device}), "
+    return (f"kvserve {__version__}: {model_name} (weights: {engine.weights}; activations: "
+            f"{engine.config.dtype}; KV: {engine.config.kv_dtype}; {engine.device}), "
             f"context {engine.max_model_len} tokens, KV pool {s.num_blocks} blocks x "
             f"{s.block_size} tokens ({format_size(s.kv_bytes_total)}"
             f"{'; sliding layers hold their window' if any(engine.windows) else ''}), "

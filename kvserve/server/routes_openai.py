@@ -30,7 +30,8 @@ async def retrieve_model(model: str, ctx: Context) -> dict[str, Any]:
 
 def _model_card(ctx: ServerContext) -> dict[str, Any]:
     return {"id": ctx.model_name, "object": "model", "created": ctx.created,
-            "owned_by": "kvserve", "max_model_len": ctx.max_model_len, "weights": ctx.weights}
+            "owned_by": "kvserve", "max_model_len": ctx.max_model_len, "weights": ctx.weights,
+            "kv_cache_dtype": ctx.kv_cache_dtype}
 
 
 @router.post("/v1/completions")

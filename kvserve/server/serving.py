@@ -50,6 +50,7 @@ class ServerContext:
     vocab_size: int
     config: ServerConfig = field(default_factory=ServerConfig)
     weights: str = ""  # which weights run: a dtype, or GGUF blocks computed on natively
+    kv_cache_dtype: str = ""  # what the KV cache stores, auto resolved
     max_num_seqs: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -152,10 +152,36 @@ def test_kv_cache_dtype_option():
     from kvserve.config import EngineConfig
     from kvserve.engine.engine import Engine
 
-    assert EngineConfig().kv_dtype == "float32"  # auto: the activation dtype, as before
+    assert EngineConfig().kv_dtype == "float32"  # auto, until an engine resolves it
     assert EngineConfig(dtype="bfloat16").kv_dtype == "bfloat16"
     assert EngineConfig(dtype="bfloat16", kv_cache_dtype="int8").kv_dtype == "int8"
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32"):
         EngineConfig(kv_cache_dtype="int4")
     with pytest.raises(ValueError, match="int8 runs on a CPU only"):  # before any loading
         Engine(EngineConfig(device="cuda", kv_cache_dtype="int8"))
+
+
+def test_auto_is_int8_for_native_blocks_where_the_kernel_reads_int8(checkpoint, tiny_checkpoint):
+    from kvserve.config import EngineConfig
+    from kvserve.engine.kv_setup import resolve_kv_dtype
+
+    model, auto = checkpoint.config, EngineConfig()
+    assert resolve_kv_dtype(auto, model, True, True).kv_cache_dtype == "int8"
+    assert resolve_kv_dtype(auto, model, False, True).kv_cache_dtype == "float32"  # dequantized
+    assert resolve_kv_dtype(auto, model, True, False).kv_cache_dtype == "float32"  # no kernel
+    bf16 = EngineConfig(dtype="bfloat16")
+    assert resolve_kv_dtype(bf16, tiny_checkpoint.config, True, True).kv_dtype == "bfloat16"
+    chosen = EngineConfig(kv_cache_dtype="float32")
+    assert resolve_kv_dtype(chosen, model, True, True) is chosen
+
+
+def test_default_engine_on_the_gguf_blocks_keeps_int8(checkpoint, float_kv):
+    from kvserve.model.cpu_kernels import load_library
+    from kvserve.model.loader import load_checkpoint
+
+    native = load_checkpoint(quantization="gguf")
+    llm = LLM(model=native, device="cpu", kv_cache_memory="16MiB")
+    expected = "int8" if native.is_quantized and load_library() is not None else "float32"
+    assert llm.engine.config.kv_dtype == expected
+    assert llm.engine.kv_bytes_per_token == checkpoint.config.kv_bytes_per_token(expected)
+    assert float_kv.engine.config.kv_dtype == "float32"  # the dequantized checkpoint

@@ -23,7 +23,7 @@ def checkpoint():
     return checkpoint
 
 
-@pytest.fixture(scope="module", params=["auto", "int8"])
+@pytest.fixture(scope="module", params=["float32", "int8"])
 def kv_dtype(request):
     return request.param
 
@@ -57,8 +57,7 @@ def test_no_kv_cache_equals_kv_cache(native, alone):
 def test_chunked_and_preempted_equal_alone(checkpoint, kv_dtype, native, alone):
     chunked = native(max_num_batched_tokens=5)
     assert ids(chunked.generate(PROMPTS, GREEDY)) == alone
-    block_bytes = 16 * checkpoint.config.kv_bytes_per_token(
-        "float32" if kv_dtype == "auto" else kv_dtype)
+    block_bytes = 16 * checkpoint.config.kv_bytes_per_token(kv_dtype)
     small = native(kv_cache_memory=8 * block_bytes)
     assert ids(small.generate(PROMPTS, GREEDY)) == alone
     assert small.stats()["num_preemptions"] > 0

@@ -224,6 +224,14 @@ def test_too_long_for_the_context_or_the_pool_gives_the_limits(client, server):
     assert server.wait_idle()["kv_blocks_free"] == server.engine.kv.num_blocks  # nothing leaked
 
 
+def test_model_card_says_which_weights_and_kv_cache_run(client):
+    (card,) = client.get("/v1/models").json()["data"]
+    assert card["object"] == "model" and card["owned_by"] == "kvserve"
+    # the tests' server runs the dequantized float32 checkpoint: auto keeps a float32 cache
+    assert card["weights"] == "float32" and card["kv_cache_dtype"] == "float32"
+    assert client.get(f"/v1/models/{card['id']}").json() == card
+
+
 def test_unknown_model_routes_and_methods_keep_the_error_shape(client):
     r = client.post(COMPLETIONS, json={"model": "gpt-4o", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"

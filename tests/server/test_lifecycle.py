@@ -57,11 +57,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# 11 blocks of 16 tokens of the default engine's KV cache (int8 on the native weights: 12,960
+# bytes a token).
+POOL = str(11 * 16 * 12_960 + 1000)
+
+
 def start_serve(*flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--device", "cpu",
-         "--kv-cache-memory", "8MiB", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+         "--kv-cache-memory", POOL, *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -94,14 +99,14 @@ def completion(url: str, prompt: str) -> httpx.Response:
 
 
 def test_sigterm_drains_flushes_the_disk_tier_and_exits_0(tmp_path):
-    # An 8 MiB pool is 11 blocks of 16 tokens: eight prompts of two full blocks evict the
-    # first ones to the disk tier (written behind; shutdown must flush them).
+    # A pool of 11 blocks of 16 tokens: eight prompts of two full blocks evict the first ones
+    # to the disk tier (written behind; shutdown must flush them).
     folder = tmp_path / "kv"
     prompts = [f"Prompt number {i}: " + "the quick brown fox jumps over a lazy dog. " * 4
                for i in range(8)]
-    # A grace period of 1 s: the 4-token answer ends within it, the 170-token one cannot
-    # (it would need under 6 ms per token on this 2-core machine; a token takes about 15).
-    proc, url = start_serve("--kv-disk-cache", str(folder), "--shutdown-timeout", "1")
+    # A grace period of 0.3 s: the 4-token answer ends within it, the 170-token one cannot
+    # (it would need under 1.8 ms per token on this 2-core machine; a token takes 5 to 15).
+    proc, url = start_serve("--kv-disk-cache", str(folder), "--shutdown-timeout", "0.3")
     try:
         for prompt in prompts:
             assert completion(url, prompt).status_code == 200
@@ -128,7 +133,7 @@ def test_sigterm_drains_flushes_the_disk_tier_and_exits_0(tmp_path):
     assert error["type"] == "service_unavailable_error" and "--shutdown-timeout" in error["message"]
     # A restarted engine (the server's own settings, weights loaded the same way) reads the
     # flushed blocks back.
-    llm = LLM(config=EngineConfig(device="cpu", kv_cache_memory=8 << 20,
+    llm = LLM(config=EngineConfig(device="cpu", kv_cache_memory=int(POOL),
                                   kv_disk_cache=str(folder)))
     try:
         [out] = llm.generate([prompts[0]], SamplingParams(max_tokens=1, temperature=0))
