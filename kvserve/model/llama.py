@@ -32,6 +32,7 @@ from kvserve.model.cpu_kernels import (
     decode_layers_kernel,
     rms_norm_kernel,
     rope_cache_kernel,
+    row_width,
     silu_mul_kernel,
 )
 from kvserve.model.gguf_blocks import QuantTensor
@@ -303,8 +304,7 @@ class DecodeLayers:
                 and meta.decode_kernel is not None and meta.positions is not None
                 and x.dtype == self.dtype and x.is_contiguous()
                 and k_cache.dtype in CACHE_CODES and k_cache.is_contiguous()
-                and meta.decode_kernel.supports(x.view(x.shape[0], -1, self.step.head_dim),
-                                                k_cache))
+                and k_cache.shape[-1] == row_width(self.step.head_dim, k_cache.dtype))
 
     def __call__(self, x: torch.Tensor, meta: AttentionMetadata
                  ) -> tuple[torch.Tensor, torch.Tensor]:
