@@ -33,7 +33,7 @@ from kvserve.engine.output import RequestOutput, TextStream, finish_reason, make
 from kvserve.engine.request import Request
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.stats import EngineStats
-from kvserve.model.cpu_kernels import HEAD_DIMS, load_library
+from kvserve.model.cpu_kernels import attention_reads_int8
 from kvserve.model.kv_quant import KV_DTYPES
 from kvserve.model.loader import Checkpoint, load_checkpoint
 from kvserve.model.quant import quantized_nbytes, resolve_quantization
@@ -90,10 +90,9 @@ class Engine:
         num_quantized = quantized_nbytes(model)
         self.weights = (f"native GGUF blocks ({format_size(num_quantized)})"
                         if num_quantized else config.dtype)
-        int8_kernel = (self.device.type == "cpu" and load_library() is not None
-                       and checkpoint.config.head_dim in HEAD_DIMS)
-        self.config = config = resolve_kv_dtype(config, checkpoint.config, num_quantized > 0,
-                                                int8_kernel)
+        self.config = config = resolve_kv_dtype(  # native blocks exist on a CPU only
+            config, checkpoint.config, num_quantized > 0,
+            attention_reads_int8(checkpoint.config.head_dim))
         check_kv_dtype(config, checkpoint.config)
         self.kv_bytes_per_token = checkpoint.config.kv_bytes_per_token(config.kv_dtype)
         self.block_bytes = self.kv_bytes_per_token * config.block_size

@@ -203,15 +203,23 @@ class DecodeLayersKernel:
         self.fn.restype = c.c_int
         self.matmul = matmul
 
+    def step(self, **fields: object) -> DecodeStep:
+        """A DecodeStep with this library's matmul, for the fields that never change."""
+        return DecodeStep(matmul=self.matmul, **fields)
+
     def __call__(self, step: DecodeStep, layers: ctypes.Array, residual: torch.Tensor,
                  x: torch.Tensor) -> None:
         """residual: the embeddings in, the residual stream out; x: the last MLP output."""
-        step.matmul = self.matmul
         rc = self.fn(ctypes.addressof(step), ctypes.addressof(layers), len(layers),
                      residual.data_ptr(), x.data_ptr())
         if rc != 0:
             raise ValueError(f"decode layers kernel: unsupported shape (head_dim "
                              f"{step.head_dim}, {step.num_heads} heads)")
+
+
+def attention_reads_int8(head_dim: int) -> bool:
+    """Whether the C++ attention kernel is here and reads int8 rows at this head_dim."""
+    return head_dim in HEAD_DIMS and load_library() is not None
 
 
 def row_width(head_dim: int, cache_dtype: torch.dtype) -> int:

@@ -25,7 +25,6 @@ from kvserve.model.cpu_kernels import (
     HEAD_DIMS,
     DecodeLayer,
     DecodeLayersKernel,
-    DecodeStep,
     RMSNormKernel,
     RopeCacheKernel,
     SiluMulKernel,
@@ -277,7 +276,7 @@ class DecodeLayers:
             c.qkv, c.o = attn.qkv_proj.weight_address, attn.o_proj.weight_address
             c.gate_up, c.down = mlp.gate_up_proj.weight_address, mlp.down_proj.weight_address
         cos, sin = model.rope.cos, model.rope.sin
-        self.step = DecodeStep(
+        self.step = kernel.step(
             hidden=config.hidden_size, num_heads=config.num_heads,
             num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
             intermediate=config.intermediate_size, eps=config.rms_norm_eps,

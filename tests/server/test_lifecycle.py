@@ -57,8 +57,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# 11 blocks of 16 tokens of the default engine's KV cache (int8 on the native weights: 12,960
-# bytes a token).
+# 11 blocks of 16 tokens of an int8 KV cache (12,960 bytes a token), named explicitly so that
+# the pool holds the same tokens whatever ``auto`` resolves to on this machine.
 POOL = str(11 * 16 * 12_960 + 1000)
 
 
@@ -66,8 +66,9 @@ def start_serve(*flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--device", "cpu",
-         "--kv-cache-memory", POOL, *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+         "--kv-cache-memory", POOL, "--kv-cache-dtype", "int8", *flags], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -134,7 +135,7 @@ def test_sigterm_drains_flushes_the_disk_tier_and_exits_0(tmp_path):
     # A restarted engine (the server's own settings, weights loaded the same way) reads the
     # flushed blocks back.
     llm = LLM(config=EngineConfig(device="cpu", kv_cache_memory=int(POOL),
-                                  kv_disk_cache=str(folder)))
+                                  kv_cache_dtype="int8", kv_disk_cache=str(folder)))
     try:
         [out] = llm.generate([prompts[0]], SamplingParams(max_tokens=1, temperature=0))
         assert out.cached_tokens_by_tier.get("disk", 0) >= 16

@@ -54,17 +54,6 @@ struct Step {
     const int64_t* context_lens;
 };
 
-// Scratch space for the activations between kernels, kept between calls.
-struct Scratch {
-    std::vector<uint8_t> bytes;
-    uint8_t* take(size_t n) {
-        const size_t at = used;
-        used += (n + 63) / 64 * 64;
-        return bytes.data() + at;
-    }
-    size_t used = 0;
-};
-
 }  // namespace
 
 // residual: [tokens, hidden], the embeddings in, the residual stream out; x: [tokens, hidden],
@@ -76,20 +65,21 @@ extern "C" int kvserve_decode_layers(const Step* s, const Layer* layers, int num
     const size_t elem = s->dtype == 0 ? 4 : 2;
     const int64_t q_size = int64_t(s->num_heads) * s->head_dim;
     const int64_t kv_size = int64_t(s->num_kv_heads) * s->head_dim;
-    const int64_t sizes[] = {s->hidden, q_size + 2 * kv_size, q_size, kv_size, q_size,
-                             2 * int64_t(s->intermediate), s->intermediate};
-    thread_local Scratch scratch;
-    size_t need = 0;
-    for (int64_t n : sizes) need += (elem * t * n + 63) / 64 * 64;
-    if (scratch.bytes.size() < need) scratch.bytes.resize(need);
-    scratch.used = 0;
-    void* h = scratch.take(elem * t * sizes[0]);
-    void* qkv = scratch.take(elem * t * sizes[1]);
-    void* q = scratch.take(elem * t * sizes[2]);
-    void* k = scratch.take(elem * t * sizes[3]);  // rotated keys: read back from the cache
-    void* attn = scratch.take(elem * t * sizes[4]);
-    void* gate_up = scratch.take(elem * t * sizes[5]);
-    void* act = scratch.take(elem * t * sizes[6]);
+    // Scratch for the activations between kernels, kept between calls: h, qkv, q, k (the
+    // rotated keys, read back from the cache), attn, gate_up, act, each on its own cache lines.
+    const int64_t sizes[7] = {s->hidden, q_size + 2 * kv_size, q_size, kv_size, q_size,
+                              2 * int64_t(s->intermediate), s->intermediate};
+    size_t offsets[7], need = 0;
+    for (int i = 0; i < 7; ++i) {
+        offsets[i] = need;
+        need += (elem * t * sizes[i] + 63) / 64 * 64;
+    }
+    thread_local std::vector<uint8_t> scratch;
+    if (scratch.size() < need) scratch.resize(need);
+    uint8_t* base = scratch.data();
+    void *h = base + offsets[0], *qkv = base + offsets[1], *q = base + offsets[2],
+         *k = base + offsets[3], *attn = base + offsets[4], *gate_up = base + offsets[5],
+         *act = base + offsets[6];
     for (int i = 0; i < num_layers; ++i) {
         const Layer& l = layers[i];
         // The first layer normalizes the embeddings; later ones add the MLP output first.
